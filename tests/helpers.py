@@ -1,0 +1,88 @@
+"""Shared test helpers: reference checkpoints with perturbed random weights, and real audio from ../shared/data."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(os.environ.get("DASHENG_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+FSDD_DIR = DATA_DIR / "fsdd"
+SAMPLING_RATE = 16000
+
+
+def make_reference_encoder(embed_dim: int = 64, depth: int = 2, num_heads: int = 4, seed: int = 0, **kwargs):
+    """The original `dasheng==0.0.9` encoder with every tensor perturbed (BatchNorm statistics and norms included)."""
+    from dasheng.pretrained.pretrained import Dasheng
+
+    torch.manual_seed(seed)
+    model = Dasheng(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.startswith("front_end.") or not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 400 + 50)  # dB variance scale
+            elif name.endswith("running_mean"):
+                tensor.copy_(noise * 10 - 40)
+            elif name.endswith("weight") and tensor.ndim == 1:  # norms: around one
+                tensor.copy_(1.0 + 0.2 * noise)
+            else:
+                tensor.add_(0.02 * noise)
+        model.init_bn[1].num_batches_tracked.fill_(1000)
+    return model.eval()
+
+
+def hf_state_dict(reference) -> dict[str, torch.Tensor]:
+    """The Hub layout: the original encoder's state dict minus `front_end.*`, prefixed `encoder.`."""
+    return {f"encoder.{k}": v.clone() for k, v in reference.state_dict().items() if not k.startswith("front_end.")}
+
+
+def load_wav(path: str | Path) -> torch.Tensor:
+    """A mono WAV file as float32 samples in [-1, 1], resampled to 16 kHz."""
+    import soundfile
+    import torchaudio
+
+    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    waveform = torch.from_numpy(samples.mean(axis=1))
+    if rate != SAMPLING_RATE:
+        waveform = torchaudio.functional.resample(waveform, rate, SAMPLING_RATE)
+    return waveform
+
+
+def fsdd_files() -> list[str]:
+    files = sorted(glob.glob(str(FSDD_DIR / "*.wav")))
+    if not files:
+        raise FileNotFoundError(f"No FSDD recordings under {FSDD_DIR}; see ../shared/data/README.md.")
+    return files
+
+
+def fsdd_clip(index: int) -> torch.Tensor:
+    return load_wav(fsdd_files()[index])
+
+
+def concatenated_fsdd(num_samples: int, start: int = 0) -> torch.Tensor:
+    """Real speech of exactly `num_samples` samples at 16 kHz, made of consecutive FSDD clips."""
+    parts, total, index = [], 0, start
+    while total < num_samples:
+        clip = fsdd_clip(index % len(fsdd_files()))
+        parts.append(clip)
+        total += clip.numel()
+        index += 1
+    return torch.cat(parts)[:num_samples]
+
+
+def samples_for_frames(num_frames: int) -> int:
+    """Shortest clip with exactly `num_frames` frames (frames = samples // 160 + 1)."""
+    return (num_frames - 1) * 160
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).abs().max())
+
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {"annotations", "glob", "np", "os"}]
