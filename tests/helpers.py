@@ -13,6 +13,13 @@ FSDD_DIR = DATA_DIR / "fsdd"
 SAMPLING_RATE = 16000
 
 
+def tiny_config(**kwargs):
+    """A 64-wide, 2-layer Dasheng: the maths of the released sizes, fast on a CPU."""
+    from dasheng_hf import DashengConfig
+
+    return DashengConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kwargs)
+
+
 def make_reference_encoder(embed_dim: int = 64, depth: int = 2, num_heads: int = 4, seed: int = 0, **kwargs):
     """The original `dasheng==0.0.9` encoder with every tensor perturbed (BatchNorm statistics and norms included)."""
     from dasheng.pretrained.pretrained import Dasheng

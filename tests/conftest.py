@@ -1,0 +1,47 @@
+"""Test setup: offline Hub, import path for `helpers`, small shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: E402
+
+from dasheng_hf import DashengFeatureExtractor, DashengModel  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def reference_tiny():
+    """The original encoder at tiny size with perturbed weights."""
+    return make_reference_encoder(embed_dim=64, depth=2, num_heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(reference_tiny):
+    """(reference, our DashengModel with the same weights) in eval mode."""
+    model = DashengModel(tiny_config())
+    model.load_state_dict(hf_state_dict(reference_tiny), strict=True)
+    return reference_tiny, model.eval()
+
+
+@pytest.fixture(scope="session")
+def feature_extractor():
+    return DashengFeatureExtractor()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
