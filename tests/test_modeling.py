@@ -188,7 +188,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_pair, feature_extracto
         if checkpointing:
             copy.gradient_checkpointing_enable()
         calls = []
-        copy.encoder.blocks[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+        copy.encoder.blocks[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
         copy(**inputs).pooler_output.pow(2).sum().backward()
         gradients.append(copy.encoder.blocks[0].attn.qkv.weight.grad.clone())
         # Checkpointing runs each block forward again during backward.
