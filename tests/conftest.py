@@ -13,9 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: E402
-
 from dasheng_hf import DashengFeatureExtractor, DashengModel  # noqa: E402
+from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

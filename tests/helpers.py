@@ -17,7 +17,7 @@ def tiny_config(**kwargs):
     """A 64-wide, 2-layer Dasheng: the maths of the released sizes, fast on a CPU."""
     from dasheng_hf import DashengConfig
 
-    return DashengConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kwargs)
+    return DashengConfig(**{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, **kwargs})
 
 
 def make_reference_encoder(embed_dim: int = 64, depth: int = 2, num_heads: int = 4, seed: int = 0, **kwargs):

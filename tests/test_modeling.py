@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dasheng_hf import DashengConfig, DashengForAudioClassification, DashengModel
 from helpers import (
     concatenated_fsdd,
     fsdd_clip,
@@ -13,8 +14,6 @@ from helpers import (
     samples_for_frames,
     tiny_config,
 )
-
-from dasheng_hf import DashengConfig, DashengFeatureExtractor, DashengForAudioClassification, DashengModel
 
 TOLERANCE = 1e-4
 
@@ -188,7 +187,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_pair, feature_extracto
         if checkpointing:
             copy.gradient_checkpointing_enable()
         calls = []
-        copy.encoder.blocks[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+        copy.encoder.blocks[0].mlp.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
         copy(**inputs).pooler_output.pow(2).sum().backward()
         gradients.append(copy.encoder.blocks[0].attn.qkv.weight.grad.clone())
         # Checkpointing runs each block forward again during backward.
