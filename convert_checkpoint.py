@@ -173,6 +173,7 @@ class _InertUnpickler(pickle.Unpickler):
     """Unpickles the structure of a file with every global and storage replaced by a `_Opaque` class."""
 
     def find_class(self, module: str, name: str) -> type:
+        module = "builtins" if module == "__builtin__" else module  # protocol 2 spelling, as pickle maps it
         return type("Opaque", (_Opaque,), {"qualname": f"{module}.{name}"})
 
     def persistent_load(self, pid: Any) -> _Opaque:
@@ -192,7 +193,10 @@ def _describe_unsafe_pickle(path: Path, torch_message: str) -> str:
                     root = _InertUnpickler(archive.open(pickles[0])).load()
                 except Exception:  # a malformed pickle: fall back to torch's description
                     root = None
-                places = [where for where, value in _walk(root, "") if value.qualname == culprit]
+                # torch names builtins without their module (`exec` for `builtins.exec`).
+                names = {culprit, f"builtins.{culprit}"}
+                places = [where for where, value in _walk(root, "") if value.qualname in names]
+                culprit = next((value.qualname for _, value in _walk(root, "") if value.qualname in names), culprit)
     what = f"an object of type `{culprit}`" if culprit else "objects other than tensors and plain containers"
     where = f" at {', '.join(places[:5])}" if places else ""
     return (

@@ -1,0 +1,383 @@
+"""convert_checkpoint.py: original-format checkpoints with perturbed weights, converted and compared to the original."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from dasheng_hf import convert_checkpoint
+from dasheng_hf.configuration_dasheng import DashengConfig
+from dasheng_hf.convert_checkpoint import main
+from helpers import DATA_DIR, concatenated_fsdd, fsdd_files, hf_state_dict, make_reference_encoder, max_abs_diff
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForAudioClassification,
+    pipeline,
+)
+from transformers.pipelines.audio_utils import ffmpeg_read
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+AUDIOSET_LABELS = DATA_DIR / "labels" / "audioset_class_labels_indices.csv"
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+
+
+def save_original(path: Path, reference: torch.nn.Module, **config) -> Path:
+    """An encoder checkpoint in the released format: `{"model": state dict with front end, "config": dict}`."""
+    torch.save({"model": reference.state_dict(), "config": config}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    reference = make_reference_encoder(64, 2, 4, seed=3)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    save_original(path, reference, embed_dim=64, depth=2, num_heads=4, lr=3e-4, time_patch_out=0.2)
+    return reference, path
+
+
+def encode(folder: Path, audio: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of `audio` from a converted folder, loaded through the Auto classes."""
+    extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        return model(**extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt")).last_hidden_state
+
+
+def reference_tokens(reference: torch.nn.Module, audio: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(audio[None])
+
+
+def assert_left_nothing(parent: Path, name: str) -> None:
+    leftovers = [path.name for path in parent.iterdir() if path.name == name or path.name.startswith(f".{name}.")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("width,heads", [(768, 12), (1280, 16), (1536, 24)])
+def test_released_widths_convert_and_match_the_original(tmp_path: Path, width: int, heads: int) -> None:
+    # The stored config lacks num_heads (the original's size helpers set it): it must come from the known sizes.
+    reference = make_reference_encoder(width, 1, heads, seed=width)
+    checkpoint = save_original(tmp_path / "encoder.pt", reference, embed_dim=width, depth=1, eval_avg="mean")
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 0
+
+    folder = tmp_path / "out"
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (width, 1, heads)
+    assert set(json.loads((folder / "config.json").read_text())["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForAudioClassification",
+        "AutoFeatureExtractor",
+    }
+    audio = concatenated_fsdd(16000 * 12)  # two chunks of 10.08 s
+    assert max_abs_diff(encode(folder, audio), reference_tokens(reference, audio)) < TOLERANCE
+
+
+def test_config_keys_that_change_the_maths_are_honoured(tmp_path: Path) -> None:
+    reference = make_reference_encoder(64, 1, 4, seed=5, target_length=512, top_db=80)
+    checkpoint = save_original(tmp_path / "c.pt", reference, num_heads=4, target_length=512, top_db=80, pooling="mean")
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 0
+    config = AutoConfig.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert (config.target_length, config.top_db) == (512, 80)
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["top_db"] == 80
+    audio = concatenated_fsdd(16000 * 7)  # three chunks of 5.12 s
+    assert max_abs_diff(encode(tmp_path / "out", audio), reference_tokens(reference, audio)) < TOLERANCE
+
+
+def test_verify_passes_for_float32_and_bfloat16(tiny, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, checkpoint = tiny
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "f32"), "--verify"]) == 0
+    differences = [float(x) for x in re.findall(r"token embeddings = (\S+)", capsys.readouterr().out)]
+    assert len(differences) == 2 and max(differences) < TOLERANCE
+
+    args = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "bf16"), "--verify", "--dtype", "bfloat16"]
+    assert main(args) == 0
+    cosines = [float(x) for x in re.findall(r"pooled embeddings = (\S+)", capsys.readouterr().out)]
+    assert len(cosines) == 2 and min(cosines) >= 0.999
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert weights["encoder.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+
+
+def test_failed_verification_leaves_nothing(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(convert_checkpoint, "FLOAT32_TOLERANCE", 0.0)
+    monkeypatch.setattr(convert_checkpoint, "_test_signal", lambda seconds: torch.randn(16000 * seconds) * 1e3)
+    assert main(["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "new" / "out"), "--verify"]) == 1
+    assert "Verification against the original implementation failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the folder, its staging copy nor the created parent
+
+
+def test_interrupt_leaves_the_previous_folder_untouched(tiny, tmp_path: Path, monkeypatch) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("previous conversion")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_checkpoint, "_model_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--checkpoint", str(tiny[1]), "--output", str(output), "--overwrite"])
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in output.iterdir()] == ["old.txt"]
+
+
+def test_non_empty_output_needs_overwrite(tiny, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("keep me")
+    assert main(["--checkpoint", str(tiny[1]), "--output", str(output)]) == 1
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert (output / "old.txt").exists()
+
+    assert main(["--checkpoint", str(tiny[1]), "--output", str(output), "--overwrite"]) == 0
+    assert not (output / "old.txt").exists() and (output / "model.safetensors").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, torch.nn.Sequential, Path]:
+    """An AudioSet-style fine-tune: a plain state dict with the encoder under `encoder.` and the head, no config."""
+    reference = make_reference_encoder(768, 1, 12, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    head = torch.nn.Sequential(torch.nn.LayerNorm(768), torch.nn.Linear(768, 527))
+    with torch.no_grad():
+        for tensor in head.parameters():
+            tensor.add_(0.3 * torch.randn(tensor.shape, generator=generator))
+    state = {f"encoder.{key}": value for key, value in reference.state_dict().items()}
+    state.update({f"outputlayer.{key}": value for key, value in head.state_dict().items()})
+    path = tmp_path_factory.mktemp("classifier") / "audioset.pt"
+    torch.save(state, path)
+    return reference, head.eval(), path
+
+
+def test_classifier_gives_the_original_logits_and_pipeline_labels(classifier, tmp_path: Path, capsys) -> None:
+    reference, head, checkpoint = classifier
+    folder = tmp_path / "audioset"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(folder), "--labels", str(AUDIOSET_LABELS)]) == 0
+    out = capsys.readouterr().out
+    assert "under the prefix 'encoder.'" in out and "all 23 encoder tensors matched" in out
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert config.problem_type == "multi_label_classification"
+    assert (config.id2label[0], config.label2id["Speech"], config.num_labels) == ("Speech", 0, 527)
+    extractor = AutoFeatureExtractor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForAudioClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    audio = concatenated_fsdd(16000 * 3)
+    with torch.no_grad():
+        logits = model(**extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt")).logits
+        expected = head(reference(audio[None]).mean(dim=1))
+    assert max_abs_diff(logits, expected) < TOLERANCE
+
+    wav = fsdd_files()[0]  # 8 kHz: the pipeline reads and resamples it with ffmpeg
+    predictions = pipeline("audio-classification", model=str(folder), trust_remote_code=True)(wav, top_k=3)
+    decoded = torch.from_numpy(ffmpeg_read(Path(wav).read_bytes(), 16000).copy())
+    with torch.no_grad():
+        scores = head(reference(decoded[None]).mean(dim=1))[0].sigmoid()
+    top = scores.topk(3)
+    assert [p["label"] for p in predictions] == [config.id2label[int(i)] for i in top.indices]
+    assert max(abs(p["score"] - float(s)) for p, s in zip(predictions, top.values)) < TOLERANCE
+
+
+def test_classifier_with_a_missing_encoder_tensor_is_refused(classifier, tmp_path: Path, capsys) -> None:
+    state = torch.load(classifier[2], weights_only=True)
+    del state["encoder.blocks.0.attn.proj.bias"]
+    torch.save(state, tmp_path / "broken.pt")
+    assert main(["--checkpoint", str(tmp_path / "broken.pt"), "--output", str(tmp_path / "out")]) == 1
+    assert "missing encoder.blocks.0.attn.proj.bias (expected (768,))" in capsys.readouterr().err
+    assert_left_nothing(tmp_path, "out")
+
+
+def test_labels_must_cover_every_output(classifier, tmp_path: Path, capsys) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("index,mid,display_name\n0,/m/a,Speech\n1,/m/b,Music\n")
+    args = ["--checkpoint", str(classifier[2]), "--output", str(tmp_path / "out"), "--labels", str(csv)]
+    assert main(args) == 1
+    assert "the classifier has 527 outputs" in capsys.readouterr().err
+    assert_left_nothing(tmp_path, "out")
+
+
+def test_labels_on_an_encoder_are_refused(tiny, tmp_path: Path, capsys) -> None:
+    args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--labels", str(AUDIOSET_LABELS)]
+    assert main(args) == 1
+    assert "--labels only applies to classifiers" in capsys.readouterr().err
+
+
+def test_wrong_tensors_are_listed_with_their_shapes(tiny, tmp_path: Path, capsys) -> None:
+    reference, _ = tiny
+    state = dict(reference.state_dict())
+    del state["blocks.1.norm2.bias"]
+    state["blocks.0.ls1.gamma"] = torch.ones(64)
+    state["blocks.0.mlp.fc2.weight"] = torch.zeros(64, 128)
+    torch.save({"model": state, "config": {"num_heads": 4}}, tmp_path / "bad.pt")
+    assert main(["--checkpoint", str(tmp_path / "bad.pt"), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "missing encoder.blocks.1.norm2.bias (expected (64,))" in err
+    assert "unexpected encoder.blocks.0.ls1.gamma (64,)" in err
+    assert "misshapen encoder.blocks.0.mlp.fc2.weight: found (64, 128), expected (64, 256)" in err
+    assert_left_nothing(tmp_path, "out")
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"init_values": 1e-5, "pooling": "token"},
+            "pooling='token' (only 'mean' pooling is supported); init_values=1e-05 (LayerScale is not supported)",
+        ),
+        ({"attention_type": "FlashAttention"}, "attention_type='FlashAttention'"),
+        ({"f_max": 7000}, "front_end.0.mel_scale.fb differs"),
+        ({"win_size": 400}, "front_end.0.spectrogram.window has shape (512,), expected (400,)"),
+        ({"target_length": 512}, "time_pos_embed has 252 positions but target_length=512 needs 128"),
+    ],
+)
+def test_unsupported_or_inconsistent_configs_are_refused(tiny, tmp_path: Path, capsys, config, message) -> None:
+    save_original(tmp_path / "c.pt", tiny[0], num_heads=4, **config)
+    assert main(["--checkpoint", str(tmp_path / "c.pt"), "--output", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert_left_nothing(tmp_path, "out")
+
+
+class _RunsCode:
+    """Pickles as a call to `exec`: loading it without weights_only would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_pickle_carrying_code_is_refused_without_running_it(tiny, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "evil.pt"
+    torch.save({"model": tiny[0].state_dict(), "config": {"num_heads": 4, "norm_layer": _RunsCode(marker)}}, checkpoint)
+    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "`builtins.exec` at ['config']['norm_layer']" in err and "weights_only=True" in err
+    assert not marker.exists()
+    assert_left_nothing(tmp_path, "out")
+
+
+def test_a_partial_in_the_config_is_named(tiny, tmp_path: Path, capsys) -> None:
+    layer_norm = functools.partial(torch.nn.LayerNorm, eps=1e-6)
+    torch.save({"model": tiny[0].state_dict(), "config": {"norm_layer": layer_norm}}, tmp_path / "p.pt")
+    assert main(["--checkpoint", str(tmp_path / "p.pt"), "--output", str(tmp_path / "out")]) == 1
+    assert "`functools.partial` at ['config']['norm_layer']" in capsys.readouterr().err
+
+
+def test_hub_layout_folder_is_rewritten(tiny, tmp_path: Path) -> None:
+    reference, _ = tiny
+    old = tmp_path / "old"
+    old.mkdir()
+    old_config = {
+        "architectures": ["DashengModel"],
+        "auto_map": {"AutoModel": "modeling_dasheng.DashengModel"},
+        "model_type": "dasheng",
+        "name": "dasheng-base",
+        "encoder_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4},
+    }
+    (old / "config.json").write_text(json.dumps(old_config))
+    save_file(hf_state_dict(reference), old / "model.safetensors")
+    assert main(["--checkpoint", str(old), "--output", str(tmp_path / "new")]) == 0
+
+    new = tmp_path / "new"
+    written = json.loads((new / "config.json").read_text())
+    assert written["auto_map"]["AutoFeatureExtractor"] == "feature_extraction_dasheng.DashengFeatureExtractor"
+    assert (written["hidden_size"], written["num_hidden_layers"]) == (64, 2) and "encoder_kwargs" not in written
+    for name in ("configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py", "README.md"):
+        assert (new / name).is_file()
+    assert load_file(new / "model.safetensors").keys() == hf_state_dict(reference).keys()
+    audio = concatenated_fsdd(16000 * 2)
+    assert max_abs_diff(encode(new, audio), reference_tokens(reference, audio)) < TOLERANCE
+
+
+def test_model_card_front_matter_scores_and_runnable_usage(tiny, tmp_path: Path) -> None:
+    assert main(["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    front_matter = card.split("---")[1]
+    for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: feature-extraction", "- audio"):
+        assert line in front_matter
+    usage = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    usage = re.sub(r'model_id = ".*"', f"model_id = {str(tmp_path / 'out')!r}", usage)
+    namespace: dict = {}
+    exec(usage, namespace)
+    assert namespace["outputs"].pooler_output.shape == (1, 64)
+
+    sizes = {
+        "dasheng-base": "80.2 | 72.5 | 84.0",
+        "dasheng-0.6B": "82.4 | 74.9 | 84.0",
+        "dasheng-1.2B": "83.2 | 75.7 | 84.9",
+    }
+    for name, scores in sizes.items():
+        assert scores in convert_checkpoint._model_card(DashengConfig.from_preset(name), False, f"mispeech/{name}")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_url_is_downloaded_once_and_cached(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    handler = functools.partial(_QuietHandler, directory=str(tiny[1].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{tiny[1].name}?download=1"
+    try:
+        assert main(["--checkpoint", url, "--output", str(tmp_path / "out")]) == 0
+        missing = url.replace(tiny[1].name, "missing.pt")
+        assert main(["--checkpoint", missing, "--output", str(tmp_path / "out2")]) == 1
+        assert "Could not download" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / tiny[1].name
+    assert cached.read_bytes() == tiny[1].read_bytes()
+    assert sorted(path.name for path in cached.parent.iterdir()) == [tiny[1].name]  # no partial download left
+    # The server is gone: the second conversion must use the cache.
+    assert main(["--checkpoint", url, "--output", str(tmp_path / "again")]) == 0
+    assert f"Using cached {cached}" in capsys.readouterr().out
+    audio = concatenated_fsdd(16000)
+    assert max_abs_diff(encode(tmp_path / "again", audio), reference_tokens(tiny[0], audio)) < TOLERANCE
+
+
+def test_push_to_hub_offline_fails_clearly_and_keeps_the_folder(tiny, tmp_path: Path, capsys) -> None:
+    args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--push-to-hub", "someone/dasheng-tiny"]
+    assert main(args) == 1
+    assert "Cannot push to someone/dasheng-tiny: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert 'model_id = "someone/dasheng-tiny"' in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_command_line_from_the_repository_root(tiny, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "convert_checkpoint.py", "--checkpoint", str(tiny[1]), "--output", str(tmp_path / "o")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+    command = [sys.executable, "-m", "dasheng_hf.convert_checkpoint", "--checkpoint", str(tmp_path / "none.pt")]
+    result = subprocess.run(command + ["--output", str(tmp_path / "x")], env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "error: Checkpoint" in result.stderr and "does not exist" in result.stderr
