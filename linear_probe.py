@@ -696,8 +696,10 @@ def _write_results(
 def _parse_folds(text: str) -> tuple[int, ...]:
     try:
         folds = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--folds takes comma-separated integers such as 1,2,3,4,5, got {text!r}.")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--folds takes comma-separated integers such as 1,2,3,4,5, got {text!r}."
+        ) from error
     if not folds:
         raise argparse.ArgumentTypeError("--folds needs at least one fold.")
     return folds
