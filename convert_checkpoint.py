@@ -66,15 +66,20 @@ VERIFY_SECONDS = (1, 25)
 FLOAT32_TOLERANCE = 1e-4
 MIN_COSINE = 0.999
 
-# Keys of the original constructor that only matter for pre-training; everything else it does not know it ignores.
-_TRAINING_KEYS = {"time_patch_out", "freq_patch_out", "eval_avg", "group_masking", "mlp_ratio"}
+# Keys of the original constructor that the conversion reads or checks; the original ignores all others
+# (`time_patch_out`, `eval_avg`, optimiser settings, ...) at inference, and so does the conversion.
+_USED_KEYS = {
+    "embed_dim", "depth", "num_heads", "patch_size", "patch_stride", "target_length", "n_fft", "hop_size", "win_size",
+    "f_min", "f_max", "center", "top_db", "drop_rate", "attn_drop_rate", "pooling", "init_values", "norm_layer",
+    "act_layer", "block_type", "attention_type",
+}  # fmt: skip
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_HEAD_KEY = re.compile(r"^(?P<prefix>.*?)outputlayer\.(?P<name>[01]\.(?:weight|bias))$")
+_HEAD_KEY = re.compile(r"^(?:.*\.)?outputlayer\.(?P<name>[01]\.(?:weight|bias))$")
 _ENCODER_ANCHOR = "patch_embed.proj.weight"
 
 
@@ -149,15 +154,15 @@ def _torch_load(path: Path) -> Any:
 
 
 class _Opaque:
-    """Stands in for any object of an unpickled file in `_describe_unsafe_pickle`; records and runs nothing."""
+    """Stands in for any object of an unpickled file in `_describe_unsafe_pickle`; it runs nothing."""
 
     qualname = "?"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
+        pass
 
     def __setstate__(self, state: Any) -> None:
-        self.state = state
+        pass
 
     def __setitem__(self, key: Any, value: Any) -> None:
         pass
@@ -376,15 +381,7 @@ def _config_from_original(
             f"{target_length // patch_stride[1]} (target_length / time stride {patch_stride[1]}). Set target_length "
             f"in the checkpoint's config to {positions * patch_stride[1]}."
         )
-    ignored = sorted(
-        key
-        for key in kwargs
-        if key in _TRAINING_KEYS
-        or key not in ("embed_dim", "depth", "num_heads", "patch_size", "patch_stride", "target_length", "qkv_bias")
-        and key not in ("n_fft", "n_mels", "hop_size", "win_size", "f_min", "f_max", "center", "top_db")
-        and key not in ("drop_rate", "attn_drop_rate", "pooling", "init_values", "norm_layer", "act_layer")
-        and key not in ("block_type", "attention_type")
-    )
+    ignored = sorted(set(kwargs) - _USED_KEYS)
     if ignored:
         notes.append(f"ignored config keys (training settings the original ignores at inference): {ignored}")
     fields: dict[str, Any] = {
@@ -645,7 +642,8 @@ def _verify(folder: Path, checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> N
 
 def _model_card(config: DashengConfig, classifier: bool, repo_id: str) -> str:
     """README.md for the Hub: front matter, what the model is, runnable usage, HEAR scores and citation."""
-    size = config.name if config.name in HEAR_SCORES else None
+    sizes = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
+    size = config.name if config.name in HEAR_SCORES and DASHENG_PRESETS[config.name] == sizes else None
     tags = ["audio", "dasheng", "self-supervised-learning"] + (["audio-classification"] if classifier else [])
     title = f"{size or 'Dasheng'}{' audio classifier' if classifier else ''}"
     architecture = (

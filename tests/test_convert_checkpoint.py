@@ -305,6 +305,7 @@ def test_hub_layout_folder_is_rewritten(tiny, tmp_path: Path) -> None:
     for name in ("configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py", "README.md"):
         assert (new / name).is_file()
     assert load_file(new / "model.safetensors").keys() == hf_state_dict(reference).keys()
+    assert "not one of the released sizes" in (new / "README.md").read_text()  # despite name="dasheng-base"
     audio = concatenated_fsdd(16000 * 2)
     assert max_abs_diff(encode(new, audio), reference_tokens(reference, audio)) < TOLERANCE
 
