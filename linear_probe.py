@@ -239,6 +239,11 @@ def load_encoder(
             f"Could not load the model {name!r} ({error}).{_hub_hint('model folder')}: a folder written by "
             f"save_pretrained (config.json and weights), e.g. --model /path/to/dasheng-base."
         ) from error
+    if not config_dict.get("model_type") and not _is_dasheng(config_dict):
+        raise LinearProbeError(
+            f"Could not load the model {name!r}: it has no config.json with a model_type. Pass a Hub id or a folder "
+            f"written by save_pretrained (config.json and weights)."
+        )
     if _is_local(name):
         name = str(Path(name).expanduser())
     labels = None
@@ -407,6 +412,11 @@ def _accuracy(eval_prediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def _multi_process_cpu() -> bool:
+    """Several processes without a GPU: Trainer and accelerate only go distributed (gloo) when told to use the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _training_arguments(output_dir: Path, epochs: float, learning_rate: float, batch_size: int, seed: int, **kw):
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -422,6 +432,7 @@ def _training_arguments(output_dir: Path, epochs: float, learning_rate: float, b
         data_seed=seed,
         remove_unused_columns=False,
         label_names=["labels"],
+        use_cpu=_multi_process_cpu(),
         **kw,
     )
 
@@ -553,7 +564,7 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
     """
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=_multi_process_cpu())
     started = time.perf_counter()
     clips = load_audio_clips(options.dataset)
     folds = _check_options(options, clips)
