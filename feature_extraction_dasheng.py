@@ -207,7 +207,8 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             clip = item.detach().cpu()
         else:
             try:
-                clip = torch.from_numpy(np.asarray(item))
+                array = np.asarray(item)
+                clip = torch.from_numpy(array if array.flags.writeable else array.copy())
             except (TypeError, ValueError) as error:
                 raise ValueError(
                     f"Clip {index} is not numeric audio ({type(item).__name__}): pass float samples."
@@ -244,6 +245,11 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             to `padding_value`; `num_frames` `(batch,)` int64, each clip's real frames.
         """
         device = torch.device(device)
+        # Always float32, also inside a caller's autocast region: dB values need the precision.
+        with torch.autocast(device.type, enabled=False):
+            return self._log_mel(clips, device)
+
+    def _log_mel(self, clips: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.n_fft // 2 if self.center else 0
         lengths = [clip.numel() for clip in clips]
         num_frames = torch.tensor([self.num_frames(length) for length in lengths], device=device)

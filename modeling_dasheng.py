@@ -214,7 +214,7 @@ class DashengEncoder(nn.Module):
         self.time_pos_embed = nn.Parameter(torch.empty(1, config.hidden_size, 1, self.chunk_num_tokens))
         self.freq_pos_embed = nn.Parameter(torch.empty(1, config.hidden_size, 1, 1))
         self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(DashengLayer(config, rate) for rate in drop_path_rates)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
