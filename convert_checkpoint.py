@@ -24,7 +24,6 @@ import tempfile
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,26 +461,9 @@ def _check_front_end(front_end: dict[str, torch.Tensor], config: DashengConfig) 
         )
 
 
-@contextmanager
-def _meta_device() -> Iterator[None]:
-    """Build modules without allocating their tensors; `torch.linspace` stays on the CPU (schedules need values)."""
-    linspace = torch.linspace
-
-    def cpu_linspace(*args: Any, **kwargs: Any) -> torch.Tensor:
-        kwargs.setdefault("device", "cpu")
-        return linspace(*args, **kwargs)
-
-    torch.linspace = cpu_linspace
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.linspace = linspace
-
-
 def _expected_shapes(config: DashengConfig, classifier: bool) -> dict[str, tuple[int, ...]]:
     """Tensor shapes (`encoder.*` and `outputlayer.*`) of the model for `config`, built on the meta device."""
-    with _meta_device():
+    with torch.device("meta"):
         model = DashengForAudioClassification(config) if classifier else DashengModel(config)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
@@ -534,7 +516,7 @@ def read_labels(path: str | os.PathLike, num_labels: int) -> dict[int, str]:
 
 def _build_model(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> DashengModel | DashengForAudioClassification:
     """The Transformers model holding the checkpoint's tensors themselves (no copy unless `dtype` differs)."""
-    with _meta_device():
+    with torch.device("meta"):
         model_class = DashengForAudioClassification if checkpoint.is_classifier else DashengModel
         model = model_class(checkpoint.config)
 
