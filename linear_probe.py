@@ -433,6 +433,7 @@ def _training_arguments(output_dir: Path, epochs: float, learning_rate: float, b
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=_multi_process_cpu(),
+        dataloader_pin_memory=torch.cuda.is_available(),
         **kw,
     )
 

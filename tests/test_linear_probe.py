@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,7 +168,10 @@ def test_other_transformers_encoders_use_the_same_protocol(esc50_dir, cache_dir,
 
 def test_two_processes_under_torchrun(esc50_dir, dasheng_dir, tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    with socket.socket() as probe:  # a free port, so parallel runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     command += ["-m", "dasheng_hf.linear_probe", "--model", str(dasheng_dir), "--dataset", str(esc50_dir)]
     command += ["--output-dir", str(output), "--cache-dir", str(tmp_path / "cache"), "--folds", "1,2"]
     command += ["--batch-size", "40", "--epochs", "10"]  # 160 training clips: 2 steps per epoch on 2 processes
