@@ -101,6 +101,8 @@ class DashengConfig(PretrainedConfig):
     """
 
     model_type = "dasheng"
+    # Trainer's predictions and metrics see only `logits` (and the loss), not the per-token tensors.
+    keys_to_ignore_at_inference = ["last_hidden_state", "pooler_output", "hidden_states", "attentions"]
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -123,7 +124,9 @@ def resolve_source(source: str) -> Path:
 def _download(url: str) -> Path:
     """Download `url` once into Torch Hub's checkpoint cache (`$TORCH_HOME/hub/checkpoints`), with a progress bar."""
     name = Path(urllib.parse.urlparse(url).path).name or "checkpoint.pt"
-    target = Path(torch.hub.get_dir()) / "checkpoints" / name
+    # The full URL's hash keeps different URLs with the same file name apart.
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{name}"
     if target.exists():
         print(f"Using cached {target}")
         return target

@@ -108,6 +108,22 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         # (n_fft // 2 + 1, feature_size) float32 triangular HTK filters without normalisation.
         self.mel_filters = htk_mel_filter_bank(n_fft // 2 + 1, feature_size, f_min, f_max, sampling_rate).numpy()
 
+    @classmethod
+    def from_dasheng_config(cls, config: Any, **kwargs: Any) -> DashengFeatureExtractor:
+        """The feature extractor a [`DashengConfig`] was trained with (its front-end fields)."""
+        return cls(
+            feature_size=config.num_mel_bins,
+            sampling_rate=config.sampling_rate,
+            n_fft=config.n_fft,
+            win_size=config.win_length,
+            hop_size=config.hop_length,
+            f_min=config.f_min,
+            f_max=config.f_max,
+            center=config.center,
+            top_db=config.top_db,
+            **kwargs,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("mel_filters", None)
@@ -186,6 +202,11 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         """Validate the input and return a list of 1-D float32 CPU tensors."""
         if isinstance(raw_speech, (np.ndarray, torch.Tensor)):
             items = [raw_speech] if raw_speech.ndim <= 1 else list(raw_speech) if raw_speech.ndim == 2 else None
+            if raw_speech.ndim == 2 and 0 < raw_speech.shape[1] <= 8 < raw_speech.shape[0]:
+                raise ValueError(
+                    f"Got an array of shape {tuple(raw_speech.shape)}, which looks like (samples, channels). Pass "
+                    f"mono clips: mix down with `x.mean(axis=1)`, or pass `x.T` for a batch of {raw_speech.shape[1]}."
+                )
             if items is None:
                 raise ValueError(
                     f"Expected one clip (samples,) or a batch (batch, samples), got an array of shape "
@@ -256,11 +277,16 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         max_frames = int(num_frames.max())
         # Each clip is reflect-padded at its own ends, then zero-padded on the right to the longest clip.
         signal = torch.zeros(len(clips), (max_frames - 1) * self.hop_size + self.n_fft, device=device)
+        width = signal.shape[1]
         for row, clip in enumerate(clips):
             clip = clip.to(device)
-            if pad:
-                clip = torch.nn.functional.pad(clip[None, None], (pad, pad), mode="reflect")[0, 0]
-            signal[row, : clip.numel()] = clip[: signal.shape[1]]
+            length = clip.numel()
+            signal[row, pad : min(pad + length, width)] = clip[: width - pad]
+            if pad:  # reflection without repeating the edge sample, written in place (no padded copy of the clip)
+                signal[row, :pad] = clip[1 : pad + 1].flip(0)
+                right = min(pad, width - pad - length)
+                if right > 0:
+                    signal[row, pad + length : pad + length + right] = clip[-right - 1 : -1].flip(0)
 
         window = torch.hann_window(self.win_size, periodic=True, device=device)
         mel_filters = torch.from_numpy(self.mel_filters).to(device)

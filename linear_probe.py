@@ -206,18 +206,7 @@ def _dasheng_feature_extractor(name: str, model: PreTrainedModel) -> DashengFeat
     try:
         return DashengFeatureExtractor.from_pretrained(name)
     except OSError:
-        config = model.config
-        return DashengFeatureExtractor(
-            feature_size=config.num_mel_bins,
-            sampling_rate=config.sampling_rate,
-            n_fft=config.n_fft,
-            win_size=config.win_length,
-            hop_size=config.hop_length,
-            f_min=config.f_min,
-            f_max=config.f_max,
-            center=config.center,
-            top_db=config.top_db,
-        )
+        return DashengFeatureExtractor.from_dasheng_config(model.config)
 
 
 def load_encoder(
@@ -302,15 +291,26 @@ def embed_clips(
             indices.sort(key=lambda index: len(waveforms[index]))
             for batch_start in range(0, len(indices), batch_size):
                 batch = indices[batch_start : batch_start + batch_size]
-                inputs = _featurize(feature_extractor, [waveforms[index] for index in batch])
-                outputs = model(**{key: value.to(device) for key, value in inputs.items()})
-                pooled = getattr(outputs, "pooler_output", None)
-                if pooled is None:
-                    pooled = outputs.last_hidden_state.mean(dim=1)
+                pooled = _pooled_embeddings(model, feature_extractor, [waveforms[index] for index in batch], device)
                 for index, row in zip(batch, pooled.float().cpu().numpy()):
                     embeddings[index] = row
                 bar.update(len(batch))
     return np.stack(embeddings)
+
+
+def _pooled_embeddings(
+    model: PreTrainedModel, feature_extractor: FeatureExtractionMixin, waveforms: list[np.ndarray], device: torch.device
+) -> torch.Tensor:
+    """`pooler_output`, or the mean of `last_hidden_state`, of a batch: `(batch, hidden)`."""
+    inputs = _featurize(feature_extractor, waveforms)
+    outputs = model(**{key: value.to(device) for key, value in inputs.items()})
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is not None:
+        return pooled
+    if len(waveforms) > 1 and len({len(waveform) for waveform in waveforms}) > 1:
+        # A plain mean would average padding too, making a clip's embedding depend on its batch: one at a time.
+        return torch.cat([_pooled_embeddings(model, feature_extractor, [waveform], device) for waveform in waveforms])
+    return outputs.last_hidden_state.mean(dim=1)
 
 
 def _model_fingerprint(name: str, model: PreTrainedModel) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,16 +75,17 @@ class DashengSpectrogramBatchNorm(nn.BatchNorm2d):
         self.use_batch_statistics = config.use_batch_statistics
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        # Computed in float32 whatever the weights' dtype: dB values span about 120 dB.
-        use_batch = self.training and self.use_batch_statistics
+        if self.training and self.use_batch_statistics and self.weight.requires_grad:
+            # The original's training behaviour: normalise by, and update, batch statistics (not when frozen).
+            return super().forward(spectrogram.to(self.weight.dtype))
+        # Running statistics, in float32 whatever the weights' dtype: dB values span about 120 dB.
         return F.batch_norm(
             spectrogram.float(),
             self.running_mean.float(),
             self.running_var.float(),
             self.weight.float(),
             self.bias.float(),
-            training=use_batch,
-            momentum=self.momentum,
+            training=False,
             eps=self.eps,
         )
 
@@ -97,7 +99,7 @@ class DashengPatchEmbeddings(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         patches = self.proj(spectrogram.unsqueeze(1).to(self.proj.weight.dtype))  # (batch, hidden, 1, tokens)
-        return patches.flatten(2).transpose(1, 2)
+        return patches.flatten(2).transpose(1, 2).contiguous()
 
 
 class DashengSelfAttention(nn.Module):
@@ -221,10 +223,10 @@ class DashengEncoder(nn.Module):
     def embed(self, input_values: torch.Tensor) -> torch.Tensor:
         """Log-mel `(batch, mel bins, frames)` to tokens `(batch, num_tokens, hidden_size)` with positions."""
         tokens = self.patch_embed(self.init_bn(input_values))
+        tokens = tokens.to(torch.promote_types(tokens.dtype, self.time_pos_embed.dtype))  # fp32 under autocast
         # Positions restart at every chunk: token i has time position i % chunk_num_tokens.
         positions = torch.arange(tokens.shape[1], device=tokens.device) % self.chunk_num_tokens
-        time_pos = self.time_pos_embed[0, :, 0, :].T[positions]
-        return tokens + time_pos + self.freq_pos_embed[0, :, 0, 0]
+        return tokens.add_(self.time_pos_embed[0, :, 0, :].T[positions]).add_(self.freq_pos_embed[0, :, 0, 0])
 
     def forward(
         self,
@@ -243,7 +245,7 @@ class DashengEncoder(nn.Module):
         """
         tokens = self.pos_drop(self.embed(input_values))
         if token_mask is not None:
-            tokens = tokens * token_mask[..., None].to(tokens.dtype)
+            tokens = torch.where(token_mask[..., None], tokens, 0.0)
         batch, num_tokens, width = tokens.shape
         chunk = self.chunk_num_tokens
         num_full = num_tokens // chunk
@@ -259,7 +261,8 @@ class DashengEncoder(nn.Module):
         results = [self._run_blocks(x, mask, output_attentions, output_hidden_states) for x, mask in groups]
 
         def merge(per_group: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([part.reshape(batch, -1, width) for part in per_group], dim=1)
+            parts = [part.reshape(batch, -1, width) for part in per_group]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
         last_hidden_state = merge([result[0] for result in results])
         hidden_states = attentions = None
@@ -270,13 +273,13 @@ class DashengEncoder(nn.Module):
                 self._merge_attentions(layer, batch) for layer in zip(*(result[2] for result in results))
             )
         if token_mask is not None:
-            keep = token_mask[..., None].to(last_hidden_state.dtype)
-            last_hidden_state = last_hidden_state * keep
+            keep = token_mask[..., None]
+            last_hidden_state = torch.where(keep, last_hidden_state, 0.0)
             if hidden_states is not None:
-                hidden_states = tuple(state * keep for state in hidden_states)
+                hidden_states = tuple(torch.where(keep, state, 0.0) for state in hidden_states)
             if attentions is not None:
                 query_keep = self._chunked_token_mask(token_mask, batch)[:, :, None, :, None]
-                attentions = tuple(weights * query_keep.to(weights.dtype) for weights in attentions)
+                attentions = tuple(torch.where(query_keep, weights, 0.0) for weights in attentions)
         return last_hidden_state, hidden_states, attentions
 
     @staticmethod
@@ -300,25 +303,52 @@ class DashengEncoder(nn.Module):
         output_hidden_states: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Blocks and final norm over sequences of equal length `(sequences, length, hidden_size)`."""
-        # Without gradients, sequences go through in slices to bound the memory of hours-long inputs.
-        step = hidden_states.shape[0] if torch.is_grad_enabled() else max(1, self.config.max_chunks_per_pass)
-        outputs, all_states, all_weights = [], [], []
-        for start in range(0, hidden_states.shape[0], step):
-            states = hidden_states[start : start + step]
-            mask = self._attention_mask(None if token_mask is None else token_mask[start : start + step])
-            layer_states, layer_weights = [states], []
-            for block in self.blocks:
-                states, weights = block(states, mask, output_attentions)
-                layer_states.append(states)
-                layer_weights.append(weights)
-            outputs.append(self.norm(states))
-            all_states.append(layer_states if output_hidden_states else [])
-            all_weights.append(layer_weights if output_attentions else [])
+        sequences = hidden_states.shape[0]
+        step = sequences if torch.is_grad_enabled() else max(1, self.config.max_chunks_per_pass)
+        if step >= sequences:
+            return self._blocks_pass(hidden_states, token_mask, output_attentions, output_hidden_states)
+        # Without gradients, sequences go through in slices to bound the memory of hours-long inputs; each slice's
+        # output replaces its input (the encoder's own tensor) unless the inputs are returned as hidden states.
+        output = None
+        all_states, all_weights = [], []
+        for start in range(0, sequences, step):
+            normed, states, weights = self._blocks_pass(
+                hidden_states[start : start + step],
+                None if token_mask is None else token_mask[start : start + step],
+                output_attentions,
+                output_hidden_states,
+            )
+            if output is None:
+                reuse = not output_hidden_states and normed.dtype == hidden_states.dtype
+                output = hidden_states if reuse else normed.new_empty(hidden_states.shape)
+            output[start : start + step] = normed
+            all_states.append(states)
+            all_weights.append(weights)
         # Per layer, the slices put back together.
         return (
-            torch.cat(outputs),
+            output,
             [torch.cat(layer) for layer in zip(*all_states)],
             [torch.cat(layer) for layer in zip(*all_weights)],
+        )
+
+    def _blocks_pass(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """One pass through all blocks: `(normed output, per-layer states if asked, per-layer weights if asked)`."""
+        mask = self._attention_mask(token_mask)
+        layer_states, layer_weights = [hidden_states], []
+        for block in self.blocks:
+            hidden_states, weights = block(hidden_states, mask, output_attentions)
+            layer_states.append(hidden_states)
+            layer_weights.append(weights)
+        return (
+            self.norm(hidden_states),
+            layer_states if output_hidden_states else [],
+            layer_weights if output_attentions else [],
         )
 
     def _merge_attentions(self, per_group: tuple[torch.Tensor, ...], batch: int) -> torch.Tensor:
@@ -356,6 +386,7 @@ class DashengPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["DashengLayer"]
+    _keep_in_fp32_modules = ["init_bn"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -395,6 +426,10 @@ class DashengPreTrainedModel(PreTrainedModel):
             frames = torch.tensor([num_frames])
         else:
             frames = attention_mask.sum(dim=-1)
+        return self._frames_to_tokens(frames)
+
+    def _frames_to_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Tokens fully covered by `frames` frames: (frames - 4) // 4 + 1 at the defaults, at least 0."""
         width, stride = self.config.patch_size[1], self.config.patch_stride[1]
         return torch.div(frames - width, stride, rounding_mode="floor").clamp(min=-1) + 1
 
@@ -409,8 +444,7 @@ class DashengPreTrainedModel(PreTrainedModel):
         self._check_inputs(input_values, attention_mask)
         token_mask = None
         if attention_mask is not None:
-            width, stride = self.config.patch_size[1], self.config.patch_stride[1]
-            num_tokens = (input_values.shape[-1] - width) // stride + 1
+            num_tokens = int(self._frames_to_tokens(torch.tensor(input_values.shape[-1])))
             valid = self.num_valid_tokens(attention_mask)
             token_mask = torch.arange(num_tokens, device=valid.device)[None, :] < valid[:, None]
             if bool(token_mask.all()):
@@ -464,24 +498,24 @@ class DashengPreTrainedModel(PreTrainedModel):
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
-        """Save weights and config, plus the three code files and a `preprocessor_config.json` if none is there."""
-        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            copy_code_files(save_directory)
-            if not (Path(save_directory) / "preprocessor_config.json").exists():
-                DashengFeatureExtractor(
-                    feature_size=self.config.num_mel_bins,
-                    sampling_rate=self.config.sampling_rate,
-                    n_fft=self.config.n_fft,
-                    win_size=self.config.win_length,
-                    hop_size=self.config.hop_length,
-                    f_min=self.config.f_min,
-                    f_max=self.config.f_max,
-                    center=self.config.center,
-                    top_db=self.config.top_db,
-                ).save_pretrained(save_directory)
-        return result
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True, **kwargs: Any
+    ) -> None:
+        """
+        Save weights and config, plus the three code files and a `preprocessor_config.json` if none is there, so
+        the folder loads with every Auto class and `trust_remote_code=True`. `push_to_hub=True` uploads all of it.
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_keys = ("repo_id", "commit_message", "private", "token", "create_pr", "revision", "commit_description")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        copy_code_files(save_directory)
+        if not (Path(save_directory) / "preprocessor_config.json").exists():
+            DashengFeatureExtractor.from_dasheng_config(self.config).save_pretrained(save_directory)
+        if push_to_hub:  # `push_to_hub` saves afresh into a temporary folder through this method, extras included
+            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), **hub_kwargs)
 
 
 class DashengModel(DashengPreTrainedModel):
@@ -614,7 +648,18 @@ class DashengAudioClassificationPipeline(AudioClassificationPipeline):
     axis; this pipeline pads frames instead and always passes the frame mask.
     """
 
-    def preprocess(self, inputs):
+    def _sanitize_parameters(self, top_k: int | None = None, function_to_apply: str | None = None, **kwargs: Any):
+        preprocess, forward, postprocess = super()._sanitize_parameters(
+            top_k=top_k, function_to_apply=function_to_apply, **kwargs
+        )
+        if function_to_apply is None:
+            problem_type = getattr(self.model.config, "problem_type", None)
+            postprocess["function_to_apply"] = {"multi_label_classification": "sigmoid", "regression": "none"}.get(
+                problem_type, "softmax"
+            )
+        return preprocess, forward, postprocess
+
+    def preprocess(self, inputs: Any) -> dict[str, torch.Tensor]:
         processed = super().preprocess(inputs)
         features = processed["input_values"]
         if "attention_mask" not in processed:
@@ -623,7 +668,7 @@ class DashengAudioClassificationPipeline(AudioClassificationPipeline):
         processed["input_values"] = features.transpose(1, 2)
         return processed
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> SequenceClassifierOutput | DashengModelOutput:
         model_inputs = dict(model_inputs)
         model_inputs["input_values"] = model_inputs["input_values"].transpose(1, 2)
         return self.model(**model_inputs)

@@ -80,10 +80,16 @@ def compare_speed(size: str, repeats: int) -> None:
                 pooled_bf16 = encode(model, extractor, waveforms).float()
             pooled = encode(model, extractor, waveforms)
         cosine = torch.nn.functional.cosine_similarity(pooled, pooled_bf16, dim=-1).min().item()
-        print(
-            f"{batch} x {seconds:>3} s | {audio_seconds / original:>8.1f}/s | {audio_seconds / ours:>8.1f}/s | "
-            f"{original / ours:>5.2f}x | {audio_seconds / ours_bf16:>8.1f}/s | {ours / ours_bf16:>8.2f}x | {cosine:.5f}"
+        cells = (
+            f"{batch} x {seconds} s",
+            f"{audio_seconds / original:.1f}/s",
+            f"{audio_seconds / ours:.1f}/s",
+            f"{original / ours:.2f}x",
+            f"{audio_seconds / ours_bf16:.1f}/s",
+            f"{ours / ours_bf16:.2f}x",
+            f"{cosine:.5f}",
         )
+        print(" | ".join(f"{cell:>10}" for cell in cells))
 
 
 HOUR_SCRIPT = """

@@ -92,4 +92,4 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"annotations", "glob", "np", "os"}]
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {"annotations", "glob", "os"}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,47 @@ def test_package_import_registers_auto_classes():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "DashengForAudioClassification"
+
+
+def test_pipeline_multi_label_gives_sigmoid_scores(tmp_path, reference_tiny):
+    """Multi-label models (AudioSet) get independent sigmoid scores on every transformers version."""
+    labels = ["speech", "music", "dog"]
+    config = tiny_config(
+        num_labels=3,
+        problem_type="multi_label_classification",
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    model = DashengForAudioClassification(config)
+    model.load_state_dict(hf_state_dict(reference_tiny), strict=False)
+    model.save_pretrained(tmp_path)
+    classifier = pipeline("audio-classification", model=str(tmp_path), trust_remote_code=True)
+    path = fsdd_files()[11]
+    scores = {result["label"]: result["score"] for result in classifier(path, top_k=3)}
+    from transformers.pipelines.audio_utils import ffmpeg_read
+
+    waveform = ffmpeg_read(Path(path).read_bytes(), 16000)  # the pipeline's own decoding and resampling
+    features = DashengFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.sigmoid(model.eval()(**features).logits[0])
+    for index, label in enumerate(labels):
+        assert abs(scores[label] - float(expected[index])) <= 1e-4
+
+
+def test_trainer_predictions_are_the_logits(tmp_path):
+    """With the card's `outputdim` head, Trainer.predict returns logits, not the per-token tensors."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Clips(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return {"input_values": torch.randn(64, 101) * 10, "labels": torch.tensor(index % 3)}
+
+    model = DashengModel(tiny_config(outputdim=3, loss="CrossEntropyLoss"))
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    prediction = Trainer(model=model, args=arguments).predict(Clips())
+    assert prediction.predictions.shape == (4, 3)
+    assert prediction.metrics["test_loss"] > 0

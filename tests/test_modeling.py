@@ -160,8 +160,25 @@ def test_train_mode_keeps_running_statistics(tiny_pair, feature_extractor):
 
     batch_stats = DashengModel(tiny_config(use_batch_statistics=True)).train()
     batch_stats.load_state_dict(model.state_dict())
+    batch_stats.freeze_encoder()  # frozen: running statistics, never updated
+    batch_stats(**inputs)
+    assert torch.equal(batch_stats.encoder.init_bn[1].running_mean, stats)
+    batch_stats.encoder.requires_grad_(True)
     batch_stats(**inputs)
     assert not torch.equal(batch_stats.encoder.init_bn[1].running_mean, stats)
+
+
+def test_padding_values_never_leak(tiny_pair, feature_extractor):
+    """Whatever the padded frames hold (even -inf), a clip's outputs only depend on its real frames."""
+    _, model = tiny_pair
+    clips = [0.1 * torch.randn(samples_for_frames(1400)), 0.1 * torch.randn(12000)]
+    inputs = feature_extractor(clips, sampling_rate=16000, return_tensors="pt")
+    expected = model(**inputs).last_hidden_state
+    poisoned = inputs.input_values.masked_fill(inputs.attention_mask[:, None, :] == 0, float("-inf"))
+    with torch.no_grad():
+        outputs = model(poisoned, attention_mask=inputs.attention_mask)
+    assert torch.isfinite(outputs.last_hidden_state).all() and torch.isfinite(outputs.pooler_output).all()
+    assert max_abs_diff(outputs.last_hidden_state, expected) <= 1e-5
 
 
 def test_dropout_and_drop_path_only_in_training(tiny_pair, feature_extractor):
