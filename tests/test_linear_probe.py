@@ -148,6 +148,16 @@ def test_finetune_mode_trains_a_classifier_with_trainer(esc50_dir, dasheng_dir, 
     assert [entry["epoch"] for entry in history if "eval_accuracy" in entry] == [1, 2, 3, 4]
 
 
+def test_finetune_mode_trains_end_to_end(esc50_dir, dasheng_dir, tmp_path):
+    """The whole model trains (encoder not frozen) and learns well above chance (0.1) in a few epochs."""
+    output = tmp_path / "finetune-all"
+    main(["--model", str(dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(output)] + [
+        "--mode", "finetune", "--folds", "1", "--epochs", "3", "--learning-rate", "3e-4"
+    ])  # fmt: skip
+    metrics = read_metrics(output)
+    assert metrics["method"] == "finetune" and metrics["accuracy_mean"] >= 0.3, metrics
+
+
 def test_other_transformers_encoders_use_the_same_protocol(esc50_dir, cache_dir, tmp_path):
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
