@@ -577,6 +577,8 @@ class DashengModel(DashengPreTrainedModel):
             if labels.ndim == 1:
                 return F.cross_entropy(logits.float(), labels.long())
             return F.cross_entropy(logits.float(), labels.float())
+        if self.config.loss != "BCELoss":
+            raise ValueError(f"config.loss must be 'BCELoss' or 'CrossEntropyLoss', got {self.config.loss!r}.")
         if labels.ndim == 1:  # class indices with a multi-label loss: one-hot targets
             labels = F.one_hot(labels.long(), logits.shape[-1])
         # BCELoss on sigmoid(logits), computed stably from the logits.

@@ -270,6 +270,9 @@ def test_head_logits_and_loss(tiny_pair, feature_extractor):
     headed.config.loss = "CrossEntropyLoss"
     outputs = headed(**inputs, labels=torch.tensor([3]))
     torch.testing.assert_close(outputs.loss, torch.nn.functional.cross_entropy(outputs.logits, torch.tensor([3])))
+    headed.config.loss = "MSELoss"
+    with pytest.raises(ValueError, match="config.loss must be"):
+        headed(**inputs, labels=torch.tensor([3]))
     with pytest.raises(ValueError, match="outputdim"):
         model(**inputs, labels=torch.tensor([1]))
 
