@@ -116,6 +116,7 @@ def test_long_audio_in_blocks_equals_one_stft(front_end, feature_extractor):
         ("audio.wav", 16000, "got str"),
         (np.zeros(16000, dtype=np.int16), 16000, "Scale integer PCM"),
         ([], 16000, "empty list"),
+        (np.zeros((16000, 2), dtype=np.float32), 16000, r"looks like \(samples, channels\)"),
     ],
 )
 def test_bad_input_raises(feature_extractor, audio, sampling_rate, message):
