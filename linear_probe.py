@@ -417,13 +417,21 @@ def _multi_process_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def _training_arguments(output_dir: Path, epochs: float, learning_rate: float, batch_size: int, seed: int, **kw):
+def _training_arguments(
+    output_dir: Path,
+    epochs: float,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    large_eval_batches: bool = False,
+    **kw: Any,
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
         learning_rate=learning_rate,
         per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=max(batch_size, 64) if kw.pop("large_eval_batches", False) else batch_size,
+        per_device_eval_batch_size=max(batch_size, 64) if large_eval_batches else batch_size,
         eval_strategy="epoch",
         logging_strategy="epoch",
         save_strategy="no",
