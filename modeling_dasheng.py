@@ -494,9 +494,22 @@ class DashengPreTrainedModel(PreTrainedModel):
             raise ValueError(f"Every clip needs at least {width} real frames in attention_mask (480 samples).")
 
     def freeze_encoder(self) -> None:
-        """Stop gradients to the encoder (for linear probing); the head, if any, stays trainable."""
+        """Stop gradients to the whole encoder (for linear probing); the head, if any, stays trainable."""
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
+
+    def freeze_feature_encoder(self) -> None:
+        """
+        Stop gradients to the spectrogram BatchNorm and the patch embedding (Dasheng's counterpart of wav2vec2's
+        convolutional feature encoder); the blocks and the head stay trainable.
+        """
+        for module in (self.encoder.init_bn, self.encoder.patch_embed):
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding: its output `(batch, tokens, hidden_size)` is the blocks' input."""
+        return self.encoder.patch_embed
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True, **kwargs: Any
