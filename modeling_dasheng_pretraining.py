@@ -81,12 +81,7 @@ class DashengGroupMasking(nn.Module):
 
     def __init__(self, config: DashengConfig):
         super().__init__()
-        if not 0.0 <= config.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}.")
-        if int(config.mask_group_size) < 1:
-            raise ValueError(f"mask_group_size must be a positive integer, got {config.mask_group_size}.")
-        self.mask_ratio = float(config.mask_ratio)
-        self.group_size = int(config.mask_group_size)
+        self.config = config
 
     def forward(
         self, noise: torch.Tensor, lengths: torch.Tensor, length: int
@@ -101,7 +96,7 @@ class DashengGroupMasking(nn.Module):
             first), its inverse, the visible tokens per sequence `(sequences,)` (at least 1) and the mask
             `(sequences, length)` float32, 1 = removed or padding, in the original token order.
         """
-        group = self.group_size
+        group = self.config.mask_group_size
         positions = torch.arange(noise.shape[1] * group, device=noise.device)
         real_groups = torch.div(lengths + group - 1, group, rounding_mode="floor")
         group_noise = noise.masked_fill(positions[None, : noise.shape[1]] >= real_groups[:, None], math.inf)
@@ -112,7 +107,7 @@ class DashengGroupMasking(nn.Module):
         ids_shuffle = token_ids.gather(1, torch.argsort(sort_key, dim=1, stable=True))[:, :length]
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         # int(n * (1 - ratio)) as the original computes it (in double precision), at least one visible token.
-        num_keep = (lengths.cpu().double() * (1.0 - self.mask_ratio)).floor().long().clamp(min=1)
+        num_keep = (lengths.cpu().double() * (1.0 - self.config.mask_ratio)).floor().long().clamp(min=1)
         num_keep = torch.minimum(num_keep, lengths.cpu()).to(lengths.device)
         removed = (positions[None, :length] >= num_keep[:, None]).float()
         return ids_shuffle, ids_restore, num_keep, removed.gather(1, ids_restore)
@@ -131,16 +126,11 @@ class DashengDecoder(nn.Module):
             config,
             hidden_size=width,
             num_attention_heads=config.decoder_num_attention_heads,
-            intermediate_size=config.decoder_intermediate_size or 4 * width,
+            intermediate_size=config.decoder_intermediate_size,
             qkv_bias=True,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
-        if width % config.decoder_num_attention_heads != 0:
-            raise ValueError(
-                f"decoder_hidden_size ({width}) must be divisible by decoder_num_attention_heads "
-                f"({config.decoder_num_attention_heads})."
-            )
         self.input_proj = nn.Linear(config.hidden_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.chunk_num_tokens + 1, width))
@@ -310,7 +300,7 @@ class DashengForPreTraining(DashengPreTrainedModel):
         device: torch.device,
     ) -> torch.Tensor:
         """The clip-level noise `(batch, groups)` as one row per chunk `(batch * chunks, ceil(length / group))`."""
-        group = self.masking.group_size
+        group = self.config.mask_group_size
         expected = (batch, -(-num_tokens // group))
         if noise is None:
             noise = torch.rand(*expected, device=device)
