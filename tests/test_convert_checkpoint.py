@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import gzip
 import http.server
@@ -9,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -647,3 +650,191 @@ def test_usage_errors_and_bad_label_files_are_one_line(tiny, classifier, tmp_pat
     args[-1] = str(tmp_path / "fifo.csv")
     line = run_failing(args, capsys, tmp_path)
     assert "labels CSV" in line and "is a named pipe (FIFO)" in line
+
+
+def _occupy(output: Path, what: str) -> None:
+    """Another process puts something at the output path while the conversion runs."""
+    if what == "a folder":
+        output.mkdir()
+        (output / "theirs.txt").write_text("another conversion")
+    elif what == "a file":
+        output.write_text("another process's file")
+    else:
+        output.mkdir()  # an empty folder may be replaced, as at the start
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "portable"])
+@pytest.mark.parametrize("what", ["a folder", "a file", "an empty folder"])
+def test_an_output_that_appears_meanwhile_is_kept_and_so_is_the_conversion(
+    tiny, tmp_path: Path, monkeypatch, capsys, renameat2, what
+) -> None:
+    if not renameat2:
+        monkeypatch.setattr(convert_checkpoint, "_renameat2", lambda *args: False)
+    output = tmp_path / "out"
+    card = convert_checkpoint._model_card
+
+    def meanwhile(*args):
+        _occupy(output, what)
+        return card(*args)
+
+    monkeypatch.setattr(convert_checkpoint, "_model_card", meanwhile)
+    status = main(["--checkpoint", str(tiny[1]), "--output", str(output)])
+    if what == "an empty folder":
+        assert status == 0 and (output / "model.safetensors").is_file()
+        assert [path.name for path in tmp_path.iterdir()] == ["out"]
+        return
+    assert status == 1
+    line = error_line(capsys.readouterr().err)
+    assert "appeared while converting (another process?) and --overwrite was not given" in line
+    if what == "a folder":
+        assert [path.name for path in output.iterdir()] == ["theirs.txt"]
+    else:
+        assert output.read_text() == "another process's file"
+    kept = [path for path in tmp_path.iterdir() if path.name != "out"]
+    assert len(kept) == 1 and kept[0].name.startswith("out.converted-") and f"kept at {kept[0]}." in line
+    audio = concatenated_fsdd(16000)
+    assert max_abs_diff(encode(kept[0], audio), reference_tokens(tiny[0], audio)) < TOLERANCE
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "portable"])
+def test_overwrite_keeps_the_previous_folder_when_the_final_rename_fails(
+    tiny, tmp_path: Path, monkeypatch, capsys, renameat2
+) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("previous conversion")
+    failure = OSError(errno.EIO, os.strerror(errno.EIO), "rename")
+    if renameat2:
+
+        def exchange_fails(source, target, flags):
+            raise failure
+
+        monkeypatch.setattr(convert_checkpoint, "_renameat2", exchange_fails)
+    else:
+        real = convert_checkpoint._rename_noreplace
+
+        def staging_cannot_move(source: Path, target: Path) -> None:
+            if source.name.startswith(".out.partial-"):
+                raise failure
+            real(source, target)
+
+        monkeypatch.setattr(convert_checkpoint, "_renameat2", lambda *args: False)
+        monkeypatch.setattr(convert_checkpoint, "_rename_noreplace", staging_cannot_move)
+    assert main(["--checkpoint", str(tiny[1]), "--output", str(output), "--overwrite"]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("error: Could not write the converted folder (Input/output error")
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in output.iterdir()] == ["old.txt"]
+
+
+# Converts with a model card step that announces itself and waits, so a signal arrives mid-conversion.
+_SLOW_CONVERSION = """
+import sys, time
+from dasheng_hf import convert_checkpoint
+card = convert_checkpoint._model_card
+def slow_card(*args):
+    print("staged", flush=True)
+    time.sleep(120)
+    return card(*args)
+convert_checkpoint._model_card = slow_card
+sys.exit(convert_checkpoint.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_conversion_cleans_up_like_ctrl_c(tiny, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("previous conversion")
+    command = [sys.executable, "-c", _SLOW_CONVERSION, "--checkpoint", str(tiny[1]), "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        command + ["--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        while (line := process.stdout.readline()) and line.strip() != "staged":
+            pass
+        assert line.strip() == "staged", process.stderr.read()
+        assert any(path.name.startswith(".out.partial-") for path in tmp_path.iterdir())  # mid-conversion indeed
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert error_line(stderr) == "error: interrupted by SIGTERM; no partial output was left."
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in output.iterdir()] == ["old.txt"]
+
+
+# Runs several conversions in one process and prints [exit status, stderr] of each as JSON.
+_RUN_ALL = """
+import contextlib, io, json, sys
+from dasheng_hf.convert_checkpoint import main
+results = []
+for args in json.loads(sys.argv[1]):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        results.append([main(args), stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _drop_file_permission_override() -> None:
+    """In the child: give up CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so root obeys file permissions too."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: the capability is gone after exec
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_permission_denied_outputs_are_one_line(tiny, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "old.txt").write_text("previous")
+    cases = [
+        (["--output", str(locked / "out")], f"permission denied in {locked}"),
+        (["--output", str(locked / "new" / "out")], f"permission denied in {locked}"),
+        (["--output", str(unreadable), "--overwrite"], f"Cannot read the output folder {unreadable}: Permission"),
+    ]
+    locked.chmod(0o555)
+    unreadable.chmod(0o000)
+    arguments = json.dumps([["--checkpoint", str(tiny[1]), *args] for args, _ in cases])
+    preexec = _drop_file_permission_override if os.geteuid() == 0 else None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", _RUN_ALL, arguments], preexec_fn=preexec, env=env, capture_output=True, text=True
+            )
+        except subprocess.SubprocessError as error:
+            pytest.skip(f"root cannot give up CAP_DAC_OVERRIDE here (needs CAP_SETPCAP): {error}")
+        assert result.returncode == 0, result.stderr
+        for (status, stderr), (_, message) in zip(json.loads(result.stdout.splitlines()[-1]), cases):
+            assert status == 1 and message in error_line(stderr)
+    finally:
+        locked.chmod(0o755)
+        unreadable.chmod(0o755)
+    assert [path.name for path in locked.iterdir()] == []
+    assert [path.name for path in unreadable.iterdir()] == ["old.txt"]
+
+
+def test_read_only_file_system_is_one_line(tiny, tmp_path: Path) -> None:
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    convert = f"{sys.executable} -m dasheng_hf.convert_checkpoint --checkpoint {tiny[1]} --output {mount_point}/out"
+    script = f"mount -t tmpfs -o ro tmpfs {mount_point} || exit 77; exec {convert}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # A private mount namespace: as root with CAP_SYS_ADMIN, or as the mapped root of a new user namespace.
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        try:
+            result = subprocess.run([*prefix, "sh", "-c", script], env=env, capture_output=True, text=True)
+        except FileNotFoundError:
+            break
+        if "error:" in result.stderr:
+            assert result.returncode == 1
+            assert error_line(result.stderr).endswith(
+                f"Cannot write {mount_point}/out: {mount_point} is on a read-only file system."
+            )
+            return
+    pytest.skip("no read-only mount can be made here: needs `unshare` with CAP_SYS_ADMIN or user namespaces")
