@@ -601,7 +601,8 @@ def run(
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    if eval_dataset is not None:
+    last_eval_step = _last_logged(trainer.state.log_history, "eval_loss")[1]
+    if eval_dataset is not None and last_eval_step != trainer.state.global_step:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -636,7 +637,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except (ValueError, TypeError, KeyError) as error:  # raised by the arguments' own checks
-        parser.error(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        unused = message.partition("not used by the HfArgumentParser: ")[2]
+        parser.error(f"unrecognized arguments {unused} (see {PROG} --help)" if unused else message)
     try:
         run(model_args, data_args, training_args)
     except (DashengPretrainingError, DashengAudioError) as error:
