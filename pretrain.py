@@ -281,13 +281,15 @@ def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTrainin
     preset = model_args.config_name or "dasheng-base"
     try:
         if Path(preset).expanduser().is_dir() or "/" in preset:
-            config = DashengConfig.from_pretrained(str(Path(preset).expanduser()) if Path(preset).exists() else preset)
-            config.update(overrides)
+            folder = Path(preset).expanduser()
+            config = DashengConfig.from_pretrained(str(folder) if folder.exists() else preset, **overrides)
         else:
             config = DashengConfig.from_preset(preset, **overrides)
     except (OSError, ValueError) as error:
         raise DashengPretrainingError(f"--config_name {preset!r}: {error}") from error
-    described = f"trained from scratch ({preset}" + (f", {model_args.config_overrides})" if overrides else ")")
+    described = f"trained from scratch ({preset}" + (
+        f", {model_args.config_overrides})" if model_args.config_overrides else ")"
+    )
     return DashengForPreTraining(config), DashengFeatureExtractor.from_dasheng_config(config), described
 
 
@@ -446,11 +448,16 @@ def export_encoder(trainer: DashengPretrainer, folder: Path, card: dict[str, Any
     with torch.device("meta"):
         encoder = DashengModel(config)
     encoder.load_state_dict(encoder_state, strict=True, assign=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    trainer.processing_class.save_pretrained(partial)
-    encoder.save_pretrained(partial)
-    (partial / "README.md").write_text(_model_card(trainer, {**card, "skipped": skipped}))
+    try:
+        trainer.processing_class.save_pretrained(partial)
+        encoder.save_pretrained(partial)
+        (partial / "README.md").write_text(_model_card(trainer, {**card, "skipped": skipped}))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     previous = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
     if folder.exists():
         os.replace(folder, previous)
