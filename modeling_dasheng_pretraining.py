@@ -278,6 +278,8 @@ class DashengForPreTraining(DashengPreTrainedModel):
         mask = mask.reshape(batch, -1)[:, :num_tokens]
         ids_restore = ids_restore.reshape(batch, -1)[:, :num_tokens]
         real = torch.arange(num_tokens, device=tokens.device)[None, :] < num_valid[:, None]
+        if attention_mask is not None:
+            logits = torch.where(real[..., None], logits, 0.0)
         loss = self._reconstruction_loss(input_values, logits, mask.bool() & real)
 
         output = DashengForPreTrainingOutput(
