@@ -153,8 +153,8 @@ def _download(url: str) -> Path:
     try:
         # Writes to a temporary file beside the target and renames it when complete.
         torch.hub.download_url_to_file(url, str(target), progress=True)
-    except OSError as error:  # URLError and HTTPError are OSErrors
-        raise ConversionError(f"Could not download {url}: {error}. Check the URL and your connection.") from error
+    except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors; a malformed URL a ValueError
+        raise ConversionError(f"Could not download {url}: {error}. Check the URL and your connection.") from None
     return target
 
 
@@ -1241,7 +1241,15 @@ def convert(
         _check_output(output, overwrite)
         if labels is not None:
             _check_file(Path(labels), "labels CSV")
-        loaded = load_checkpoint(resolve_source(checkpoint))
+        source = resolve_source(checkpoint)
+        try:
+            loaded = load_checkpoint(source)
+        except ConversionError as error:
+            if source.parent == Path(torch.hub.get_dir()) / "checkpoints":  # a download that is not a checkpoint
+                raise ConversionError(
+                    f"{error} It was downloaded earlier: delete {source} to fetch it again."
+                ) from None
+            raise
         for note in loaded.notes:
             print(note)
         if labels is not None:

@@ -381,6 +381,26 @@ def test_url_is_downloaded_once_and_cached(tiny, tmp_path: Path, monkeypatch, ca
     assert max_abs_diff(encode(tmp_path / "again", audio), reference_tokens(tiny[0], audio)) < TOLERANCE
 
 
+def test_a_downloaded_page_that_is_no_checkpoint_says_how_to_fetch_again(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "model.pt").write_text("<html><body>Please log in to download</body></html>")
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path / "site"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.pt"
+        line = run_failing(["--checkpoint", url, "--output", str(tmp_path / "out")], capsys, tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    (cached,) = (tmp_path / "torch_home" / "hub" / "checkpoints").iterdir()
+    assert "is a text file, not a PyTorch checkpoint" in line
+    assert line.endswith(f"It was downloaded earlier: delete {cached} to fetch it again.")
+
+
 def test_push_to_hub_offline_fails_clearly_and_keeps_the_folder(tiny, tmp_path: Path, capsys) -> None:
     args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--push-to-hub", "someone/dasheng-tiny"]
     assert main(args) == 1
