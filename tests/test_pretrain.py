@@ -4,6 +4,7 @@ exported encoder loads with `AutoModel`, bad files are skipped and counted, bad 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import transformers
 from dasheng_hf import DashengModel
 from dasheng_hf.make_shards import make_shards
 from dasheng_hf.pretrain import (
@@ -35,6 +37,18 @@ TINY = (
     "decoder_hidden_size=32,decoder_num_hidden_layers=1,decoder_num_attention_heads=2"
 )
 STEPS, SAVE_EVERY, LOG_EVERY = 60, 30, 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_logging():
+    """`main` sets up logging as a command does (Transformers at info level); later test files get theirs back."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    levels = {name: logging.getLogger(name).level for name in ("dasheng_hf", "dasheng_hf.audio_data")}
+    yield
+    transformers.utils.logging.set_verbosity(verbosity)
+    transformers.utils.logging.reset_format()
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="module")
