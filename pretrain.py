@@ -60,6 +60,10 @@ class DashengPretrainingError(ValueError):
     """A problem with the command's inputs (flags, model, data); the message says how to fix it."""
 
 
+class _StoppedInTraining(DashengPretrainingError):
+    """A data problem met by one process while training (reported by that process, not only the first)."""
+
+
 # ------------------------------------------------------------------------------------------------------ arguments
 
 
@@ -603,7 +607,10 @@ def run(
     if data_args.export_every:
         trainer.add_callback(DashengEncoderExportCallback(trainer, data_args.export_every, card))
 
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except (DashengPretrainingError, DashengAudioError) as error:
+        raise _StoppedInTraining(_one_line(error)) from error
     trainer.save_model()  # the whole pretraining model (encoder and decoder), to continue from later
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
@@ -650,9 +657,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(model_args, data_args, training_args)
     except (DashengPretrainingError, DashengAudioError) as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{PROG}: error: {error}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or isinstance(error, _StoppedInTraining):  # input errors are the same on every process
+            print(f"{PROG}: error: {'' if rank == 0 else f'[rank {rank}] '}{_one_line(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+    """The message of `error`, also when a dataloader worker raised it (then wrapped with the worker's traceback)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)
 
 
 if __name__ == "__main__":

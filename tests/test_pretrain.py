@@ -255,3 +255,17 @@ def test_console_script():
     result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--train_data" in result.stdout and "--per_device_train_batch_size" in result.stdout  # Trainer's flags too
+
+
+def test_data_without_readable_audio_stops_with_one_line(tmp_path, capsys):
+    shard = tmp_path / "broken-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index in range(3):
+            path = tmp_path / f"noise{index}.wav"
+            path.write_bytes(b"RIFF" + os.urandom(500))
+            tar.add(path, arcname=path.name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(str(shard), tmp_path / "out", 4))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("dasheng-pretrain: error:") and "no audio" in error, error
