@@ -13,6 +13,7 @@ layout (`encoder.*` weights and a config with `encoder_kwargs`), a URL, or a rel
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import csv
 import ctypes
@@ -29,6 +30,7 @@ import struct
 import sys
 import tempfile
 import threading
+import unicodedata
 import urllib.parse
 import warnings
 import zipfile
@@ -94,7 +96,13 @@ _ENCODER_ANCHOR = "patch_embed.proj.weight"
 
 
 class ConversionError(Exception):
-    """A checkpoint, option or output folder that cannot be converted; the one-line message says what to do."""
+    """A checkpoint, option or output folder that cannot be converted; the one-line message says what to do.
+
+    Control characters (say, a newline in a file name) are escaped, so the message stays one line in a terminal.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in message))
 
 
 class ConversionInterrupted(KeyboardInterrupt):
@@ -214,8 +222,8 @@ def _sniff(path: Path, size: int) -> bool:
             f"{path} is a safetensors file, not a PyTorch checkpoint: pass the folder that holds it with its "
             f"config.json (the Hub layout) instead."
         )
-    try:
-        text = head.decode("utf-8")
+    try:  # incremental: a character cut at the end of `head` is no reason to call the file binary
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=size <= len(head))
     except UnicodeDecodeError:
         text = None
     if text is not None and "\x00" not in text:

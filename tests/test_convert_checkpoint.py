@@ -653,6 +653,9 @@ def test_output_paths_that_cannot_be_written_are_refused_first(tiny, tmp_path: P
     assert list((tmp_path / "target").iterdir()) == []
     line = run_failing(["--checkpoint", str(tiny[1]), "--output", "/"], capsys, tmp_path)
     assert "does not name a folder" in line
+    (tmp_path / "new\nline").write_text("a file whose name holds a newline")
+    line = run_failing(["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "new\nline")], capsys, tmp_path, "x")
+    assert line.endswith("new\\nline is a file; pass a folder path.")  # still one line
 
 
 def test_usage_errors_and_bad_label_files_are_one_line(tiny, classifier, tmp_path: Path, capsys) -> None:
