@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -266,6 +267,13 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             top_db=config.top_db,
             **kwargs,
         )
+
+    @classmethod
+    def from_dict(cls, feature_extractor_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """From a `preprocessor_config.json` dict; settings among `kwargs` override it, also those it lacks."""
+        names = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+        return super().from_dict({**feature_extractor_dict, **overrides}, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
