@@ -13,9 +13,9 @@ Sources (a string, or a list of them):
 
 Files are decoded with soundfile, or with torchcodec (FFmpeg) for formats soundfile cannot read, mixed down to mono by
 averaging the channels, and resampled to 16 kHz with a Hann-windowed sinc filter (6 zero crossings, roll-off 0.99:
-torchaudio's default, which [`resample`] equals to about 1e-6). A source that matches nothing raises
-[`DashengAudioError`] when the dataset is built; an unreadable, empty, non-finite or too short file is skipped with
-a warning that names it and counted in `num_skipped`.
+torchaudio's default; [`resample`] equals torchaudio computed in float64 to about 1e-6). A source that matches
+nothing raises [`DashengAudioError`] when the dataset is built; an unreadable, empty, non-finite or too short file is
+skipped with a warning that names it and counted in `num_skipped`.
 
 [`DashengAudioDataset`] streams training crops and splits them over processes and dataloader workers ("consumers",
 `world_size x num_workers`, consumer `rank * num_workers + worker_id`): shards (or files) are dealt out whole when
@@ -38,8 +38,10 @@ and hand it to accelerate without re-sharding through [`per_process_dataloader`]
 with `DashengAudioDataset(..., repeat=True)` and `max_steps`: each process then runs through epochs on its own
 (`set_epoch`, called by Trainer at the start, sets the first), so processes whose shares differ in length never
 wait for each other at an epoch boundary. Keep `dataloader_persistent_workers` off (workers read the epoch when they
-start). For evaluation, build the dataset with `split_across_processes=False` and leave it to Trainer's default
-loader (rank 0 reads, batches are sent to every process).
+start). On `resume_from_checkpoint`, Trainer replays (reads and decodes) every batch already trained on to find its
+place; to skip that, pass `ignore_data_skip=True` and build the dataset with a new `seed` (e.g. seed + global
+step). For evaluation, build the dataset with `split_across_processes=False` and leave it to Trainer's default loader
+(rank 0 reads, batches are sent to every process).
 """
 
 from __future__ import annotations
