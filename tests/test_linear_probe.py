@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -257,3 +258,155 @@ def test_notebook_runs_headless_and_draws_its_figures(esc50_dir, dasheng_dir, ca
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) >= 3  # mel spectrogram, training curve, confusion matrix
     assert read_metrics(tmp_path / "notebook-run")["accuracy_mean"] >= 0.5
+
+
+# ------------------------------------------------------------------------------------ bad inputs (issue 10)
+
+
+@pytest.fixture(scope="module")
+def tiny_dasheng_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-dasheng")
+    DashengModel(DashengConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(folder)
+    return folder
+
+
+def small_esc50(root: Path, extra_rows=(), bom=False) -> Path:
+    """40 FSDD clips in the ESC-50 layout (folds 1 and 2), plus `extra_rows` (filename, fold, target) of the test."""
+    make_esc50_layout(root, takes=range(2))
+    meta = root / "meta" / "esc50.csv"
+    text = meta.read_text() + "".join(f"{name},{fold},{target},x,False,0,A\n" for name, fold, target in extra_rows)
+    meta.write_text(text, encoding="utf-8-sig" if bom else "utf-8")
+    return root
+
+
+def fails(arguments: list[str], capsys) -> str:
+    """Run the command, which must fail with one line on stderr and no traceback; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if line.startswith("dasheng-linear-probe: error: ")]
+    assert "Traceback" not in error and len(lines) == 1, error
+    return lines[0]
+
+
+def test_unusable_clips_are_skipped_named_counted_and_cached(tiny_dasheng_dir, tmp_path, caplog):
+    root = tmp_path / "esc50"
+    bad = {"garbage.wav": "unreadable", "empty.wav": "unreadable", "header.wav": "no audio samples"}
+    bad |= {"short.wav": "shorter than the 480", "nan.wav": "NaN"}
+    small_esc50(root, [(name, 1 + index % 2, 3) for index, name in enumerate(bad)])
+    (root / "audio" / "garbage.wav").write_bytes(os.urandom(4000))
+    (root / "audio" / "empty.wav").write_bytes(b"")
+    soundfile.write(root / "audio" / "header.wav", np.zeros((0, 1), dtype=np.float32), 16000)
+    soundfile.write(root / "audio" / "short.wav", np.full(100, 0.1, dtype=np.float32), 8000)  # 200 samples at 16k
+    soundfile.write(root / "audio" / "nan.wav", np.array([0.1, np.nan] * 2000, dtype=np.float32), 8000, "FLOAT")
+    arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(root), "--cache-dir", str(tmp_path / "cache")]
+    with caplog.at_level(logging.WARNING):
+        main([*arguments, "--output-dir", str(tmp_path / "first"), "--knn"])
+    metrics = read_metrics(tmp_path / "first")
+    assert metrics["num_clips"] == 45 and metrics["num_skipped"] == 5
+    reasons = [entry["reason"] for entry in metrics["skipped_clips"]]
+    for (name, reason), text in zip(bad.items(), reasons):
+        assert name in text and reason in text and "esc50.csv row" in text
+        assert name in caplog.text
+    with (tmp_path / "first" / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 40  # only the clips that were evaluated
+    main([*arguments, "--output-dir", str(tmp_path / "second"), "--knn"])
+    second = read_metrics(tmp_path / "second")
+    assert second["embeddings_from_cache"] and second["skipped_clips"] == metrics["skipped_clips"]
+    assert second["fold_accuracies"] == metrics["fold_accuracies"]
+    main([*arguments, "--output-dir", str(tmp_path / "finetune"), "--mode", "finetune", "--epochs", "1"])
+    assert read_metrics(tmp_path / "finetune")["skipped_clips"] == metrics["skipped_clips"]
+
+
+def test_csv_problems_name_the_row(tiny_dasheng_dir, tmp_path, capsys):
+    arguments = ["--model", str(tiny_dasheng_dir), "--output-dir", str(tmp_path / "out"), "--knn"]
+    root = small_esc50(tmp_path / "bom", bom=True)
+    main([*arguments, "--dataset", str(root), "--cache-dir", str(tmp_path / "cache")])  # a BOM is fine
+    assert read_metrics(tmp_path / "out")["num_clips"] == 40
+    root = small_esc50(tmp_path / "not-int", [("0_george_0.wav", "one", 3)])
+    assert "esc50.csv row 42 (0_george_0.wav): fold 'one' is not an integer" in fails(
+        [*arguments, "--dataset", str(root)], capsys
+    )
+    root = small_esc50(tmp_path / "escape", [("../../secret.wav", 1, 3)])
+    error = fails([*arguments, "--dataset", str(root)], capsys)
+    assert "row 42 (../../secret.wav): the path leads outside" in error
+    root = small_esc50(tmp_path / "absolute", [(str(Path(fsdd_files()[0]).resolve()), 1, 3)])
+    assert "row 42" in fails([*arguments, "--dataset", str(root)], capsys)
+
+
+def test_options_and_output_paths_are_checked_before_any_work(
+    tiny_dasheng_dir, esc50_dir, tmp_path, capsys, monkeypatch
+):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the clips were read or embedded before the options were checked")
+
+    monkeypatch.setattr(linear_probe, "load_audio_clips", no_work)
+    monkeypatch.setattr(linear_probe, "embed_clips", no_work)
+    arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(tmp_path / "o")]
+    for flag, value in [("--embedding-batch-size", "0"), ("--epochs", "0"), ("--learning-rate", "-1")]:
+        assert f"{flag} must be a positive number" in fails([*arguments, flag, value], capsys)
+    (tmp_path / "file").write_text("not a folder")
+    arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(esc50_dir)]
+    assert "--output-dir" in fails([*arguments, "--output-dir", str(tmp_path / "file")], capsys)
+    error = fails([*arguments, "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "file")], capsys)
+    assert f"--cache-dir {tmp_path / 'file'} is a file" in error
+    assert "cannot create" in fails([*arguments, "--output-dir", str(tmp_path / "file" / "sub")], capsys)
+
+
+def test_a_missing_model_path_is_reported_as_a_missing_path(esc50_dir, tmp_path, capsys):
+    for model in (str(tmp_path / "no-such-model"), "runs/some/model", "./model"):
+        error = fails(["--model", model, "--dataset", str(esc50_dir), "--output-dir", str(tmp_path / "o")], capsys)
+        assert f"--model {model} does not exist" in error and "repo" not in error.lower()
+
+
+def test_damaged_or_mismatched_cache_says_how_to_clear_it(tiny_dasheng_dir, tmp_path, capsys):
+    root = small_esc50(tmp_path / "esc50")
+    cache = tmp_path / "cache"
+    arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(root), "--cache-dir", str(cache), "--knn"]
+    main([*arguments, "--output-dir", str(tmp_path / "o")])
+    (path,) = cache.glob("*.npz")
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    error = fails([*arguments, "--output-dir", str(tmp_path / "o")], capsys)
+    assert f"The embedding cache {path} is damaged" in error and f"rm {path}" in error
+    with path.open("wb") as handle:  # readable, but another dataset's embeddings under this name
+        np.savez(handle, embeddings=np.zeros((7, 64), np.float32), key=np.array("other"), skipped=np.array("{}"))
+    error = fails([*arguments, "--output-dir", str(tmp_path / "o")], capsys)
+    assert "does not match this model and dataset" in error and f"rm {path}" in error
+    path.unlink()
+    main([*arguments, "--output-dir", str(tmp_path / "o")])
+    assert path.read_bytes() == good  # cleared as told: embedded again, the same
+
+
+def test_huge_samples_give_finite_embeddings_or_an_error_naming_the_file(tiny_dasheng_dir, tmp_path, capsys):
+    root = small_esc50(tmp_path / "esc50", [("loud.wav", 2, 3)])
+    soundfile.write(root / "audio" / "loud.wav", np.full(8000, 3e30, dtype=np.float32), 8000, "FLOAT")
+    cache = tmp_path / "cache"
+    arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(root), "--cache-dir", str(cache), "--knn"]
+    try:
+        main([*arguments, "--output-dir", str(tmp_path / "o")])
+    except SystemExit as exit_info:  # the feature extractor refuses the clip: the error names it
+        assert exit_info.code == 2 and "esc50.csv row 42 (loud.wav)" in capsys.readouterr().err
+        assert not list(cache.glob("*.npz"))
+    else:  # or encodes it exactly: then its embedding is finite
+        (path,) = cache.glob("*.npz")
+        assert np.isfinite(np.load(path)["embeddings"]).all()
+
+
+def test_non_finite_embeddings_are_an_error_naming_the_file(tiny_dasheng_dir, tmp_path, capsys, monkeypatch):
+    root = small_esc50(tmp_path / "esc50", [("marked.wav", 1, 3)])
+    soundfile.write(root / "audio" / "marked.wav", np.full(8000, 0.125, dtype=np.float32), 8000)
+    original = linear_probe._pooled_embeddings
+
+    def nan_for_the_marked_clip(model, feature_extractor, waveforms, device):
+        pooled = original(model, feature_extractor, waveforms, device)
+        marked = torch.tensor([bool(np.isclose(np.median(waveform), 0.125, atol=1e-3)) for waveform in waveforms])
+        return torch.where(marked[:, None], torch.nan, pooled)
+
+    monkeypatch.setattr(linear_probe, "_pooled_embeddings", nan_for_the_marked_clip)
+    arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(root), "--cache-dir", str(tmp_path / "cache")]
+    error = fails([*arguments, "--output-dir", str(tmp_path / "o"), "--knn"], capsys)
+    assert "esc50.csv row 42 (marked.wav): its embedding is not finite" in error
+    assert not list((tmp_path / "cache").glob("*.npz"))  # nothing cached
