@@ -66,7 +66,8 @@ def classify(message: str) -> str:
         (r"is (a JSON|a text|a safetensors|empty|a named pipe|a folder)|does not exist|not a Hub-layout",
          "refused: not a checkpoint"),
         (r"output|Cannot (create|write)|symbolic link|does not name a folder", "refused: output path"),
-        (r"tensors do not fit|not named dense|patch_embed|encoder has no|outside the encoder|head", "refused: tensors"),
+        (r"tensors do not fit|not named dense|patch_embed|encoder has no|outside the encoder|head is incomplete",
+         "refused: tensors"),
         (r"front end|front-end", "refused: front end"),
         (r"config|DashengConfig|time_pos_embed", "refused: config value"),
     ]:  # fmt: skip
@@ -166,8 +167,10 @@ def mutated_states(draw: st.DrawFn) -> dict[str, Any]:
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(sorted(state)))
         kind = draw(st.sampled_from(["drop", "extra", "rename", "reshape", "dtype", "nonfinite", "negative", "value"]))
-        event(f"mutation: {kind}")
         tensor = state[key]
+        if not isinstance(tensor, torch.Tensor):  # replaced by a plain value in an earlier round
+            continue
+        event(f"mutation: {kind}")
         if kind == "drop":
             del state[key]
         elif kind == "extra":
