@@ -45,9 +45,12 @@ __all__ = [
     "DashengPretrainingArguments",
     "DashengPretrainingCollator",
     "DashengPretrainingError",
+    "build_model",
     "export_encoder",
     "main",
     "parse_config_overrides",
+    "parse_gain",
+    "run",
 ]
 
 logger = logging.getLogger("dasheng_hf.pretrain")  # also under `python -m`, where __name__ is "__main__"
@@ -546,6 +549,11 @@ def _resume_checkpoint(training_args: DashengPretrainingArguments) -> str | None
     """`--resume_from_checkpoint PATH`, or `last` (also `true`) for the newest checkpoint in the output folder."""
     value = training_args.resume_from_checkpoint
     if value is None:
+        if os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
+            logger.warning(
+                f"{training_args.output_dir} holds checkpoints of an earlier run; this run starts afresh and replaces "
+                f"them. Pass --resume_from_checkpoint last to continue that run instead."
+            )
         return None
     if value.lower() in ("last", "latest", "true"):
         checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
@@ -573,8 +581,8 @@ def run(
             "--max_steps is required: the data is streamed, so the run length is given in optimizer steps "
             "(the paper: 1500000 steps of 256 crops)."
         )
-    if data_args.crop_seconds <= 0.03:
-        raise DashengPretrainingError(f"--crop_seconds must be above 0.03 s (one token), got {data_args.crop_seconds}.")
+    if data_args.crop_seconds < 0.03:
+        raise DashengPretrainingError(f"--crop_seconds must be at least 0.03, got {data_args.crop_seconds}.")
     if data_args.export_every is not None and data_args.export_every <= 0:
         raise DashengPretrainingError(f"--export_every takes a positive number of steps, got {data_args.export_every}.")
     gain = parse_gain(data_args.gain_augmentation_db)
