@@ -88,6 +88,7 @@ SAMPLING_RATE = 16000
 MIN_SAMPLES = 480  # 30 ms at 16 kHz: the shortest input Dasheng encodes (one 40 ms token needs 3 frames)
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "aiff", "aif", "au", "w64", "webm", "mka", "caf")
 _ZERO_CROSSINGS, _ROLLOFF = 6, 0.99
+_BLOCK_STEPS = 16384  # resampling: output steps per matrix product
 _MAX_SLOTS = 1024  # skip counters: one per process (slot 0) and dataloader worker
 
 
@@ -103,32 +104,35 @@ def resample(waveform: np.ndarray | torch.Tensor, orig_rate: int, new_rate: int)
     Resample `(..., samples)` from `orig_rate` to `new_rate` Hz (band-limited sinc interpolation, Hann window).
 
     Returns `ceil(samples * new_rate / orig_rate)` samples, of the input's type (numpy or torch) and float dtype.
+    Computed with numpy on the CPU, in blocks (bounded memory for hours of audio).
     """
     if orig_rate == new_rate:
         return waveform
     divisor = math.gcd(int(orig_rate), int(new_rate))
     up, down = int(new_rate) // divisor, int(orig_rate) // divisor
-    is_numpy = isinstance(waveform, np.ndarray)
-    signal = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)) if is_numpy else waveform
+    is_torch = isinstance(waveform, torch.Tensor)
+    signal = np.asarray(waveform.detach().float().cpu() if is_torch else waveform, dtype=np.float32)
     kernel, half_width = _sinc_kernel(down, up)
     shape, length = signal.shape[:-1], signal.shape[-1]
-    padded = torch.nn.functional.pad(signal.reshape(-1, 1, length).float(), (half_width, half_width + down))
-    phases = torch.nn.functional.conv1d(padded, kernel.to(padded.device), stride=down)  # (n, up, steps)
-    output = phases.transpose(1, 2).reshape(*shape, -1)[..., : math.ceil(length * up / down)]
-    return output.numpy() if is_numpy else output.to(waveform.dtype)
+    padded = np.pad(signal.reshape(-1, length), ((0, 0), (half_width, half_width + down)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, len(kernel), axis=-1)[:, ::down]  # (n, steps, taps)
+    output = np.empty((*windows.shape[:2], up), dtype=np.float32)
+    for start in range(0, windows.shape[1], _BLOCK_STEPS):
+        output[:, start : start + _BLOCK_STEPS] = windows[:, start : start + _BLOCK_STEPS] @ kernel
+    output = output.reshape(*shape, -1)[..., : math.ceil(length * up / down)]
+    return torch.from_numpy(output).to(waveform.device, waveform.dtype) if is_torch else output
 
 
 @functools.lru_cache(maxsize=16)
-def _sinc_kernel(down: int, up: int) -> tuple[torch.Tensor, int]:
-    """`(up, 1, taps)` filters, one per output phase, for coprime rates `down -> up`; and the input padding."""
+def _sinc_kernel(down: int, up: int) -> tuple[np.ndarray, int]:
+    """`(taps, up)` filters, one per output phase, for coprime rates `down -> up`; and the input padding."""
     cutoff = min(down, up) * _ROLLOFF  # in units of the common base rate
     half_width = math.ceil(_ZERO_CROSSINGS * down / cutoff)
-    offsets = torch.arange(-half_width, half_width + down, dtype=torch.float64) / down
-    time = (offsets[None, :] - torch.arange(up, dtype=torch.float64)[:, None] / up) * cutoff
-    time = time.clamp(-_ZERO_CROSSINGS, _ZERO_CROSSINGS)
-    window = torch.cos(time * math.pi / (2 * _ZERO_CROSSINGS)) ** 2
-    kernel = torch.special.sinc(time) * window * (cutoff / down)
-    return kernel.float()[:, None, :], half_width
+    offsets = np.arange(-half_width, half_width + down) / down
+    time = (offsets[:, None] - np.arange(up)[None, :] / up) * cutoff
+    time = time.clip(-_ZERO_CROSSINGS, _ZERO_CROSSINGS)
+    window = np.cos(time * math.pi / (2 * _ZERO_CROSSINGS)) ** 2
+    return (np.sinc(time) * window * (cutoff / down)).astype(np.float32), half_width
 
 
 def decode_audio(
