@@ -244,19 +244,28 @@ def test_gradients_bf16_and_errors(mae_pair):
         sampling_rate=16000,
         return_tensors="pt",
     )
+    noise = torch.rand(2, 125)
     model.train()
-    outputs = model(**batch)
-    outputs.loss.backward()
-    model.eval()
+    model(**batch, noise=noise).loss.backward()
     gradients = {name: parameter.grad for name, parameter in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     assert all(grad is not None and torch.isfinite(grad).all() for grad in gradients.values())
+    # Gradient checkpointing covers the decoder's blocks too, with the same gradients.
+    checkpointed = DashengForPreTraining(model.config)
+    checkpointed.load_state_dict(model.state_dict())
+    getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
+    recomputed = []
+    checkpointed.decoder.blocks[0].mlp.register_forward_pre_hook(lambda *args: recomputed.append(1))
+    checkpointed.train()(**batch, noise=noise).loss.backward()
+    assert len(recomputed) == 2
+    for name, parameter in checkpointed.named_parameters():
+        assert max_abs_diff(parameter.grad, gradients[name]) <= 1e-6, name
+    model.eval()
     assert (
         float(gradients["decoder.mask_token"].abs().sum()) > 0
         and float(gradients["encoder.norm.weight"].abs().sum()) > 0
     )
 
-    noise = torch.rand(2, 125)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(**batch, noise=noise).loss
     with torch.no_grad():
