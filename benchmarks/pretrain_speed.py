@@ -1,0 +1,182 @@
+"""Pretraining step speed and memory of DashengForPreTraining next to the original AudioTransformerMAE, in one run.
+
+Both models get the same weights (the original's `dasheng_base` MAE with group masking, random initialisation) and
+the same batch (8 x 10 s of audio), in training mode with the BatchNorm on batch statistics as the original trains.
+A step is forward, loss, backward and an AdamW step (fused where PyTorch has it, as Trainer's default
+`adamw_torch_fused`). The original takes waveforms and computes its spectrogram inside the step; ours takes the
+feature extractor's log-mel features, computed by the data loader in training: the `ours+fe` column puts that
+computation inside the step as well. Steps of the two models alternate and the median is reported, so both see the
+same machine load. Peak memory is the growth of the resident set during one step, each model in a fresh process.
+
+    python benchmarks/pretrain_speed.py [--size base] [--batch 8] [--seconds 10] [--steps 3] [--threads 2]
+
+Targets (issue 8): ours at least 1.0x the original in float32 and at least 1.5x under bf16 autocast (CPU, 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from dasheng_hf import DashengConfig, DashengFeatureExtractor, DashengForPreTraining
+
+__all__ = ["main"]
+
+SAMPLING_RATE = 16000
+# (hidden, layers, heads) of the encoder and (hidden, layers, heads) of its decoder, as in the original's recipes.
+SIZES = {"tiny": ((64, 2, 4), (32, 2, 4)), "base": ((768, 12, 12), (512, 8, 16))}
+
+
+def build_pair(size: str) -> tuple[torch.nn.Module, DashengForPreTraining]:
+    """The original MAE (group masking, random weights) and DashengForPreTraining with the same weights."""
+    from dasheng.train.models import AudioTransformerMAE, AudioTransformerMAE_Decoder, AudioTransformerMAE_Encoder
+
+    (width, depth, heads), (decoder_width, decoder_depth, decoder_heads) = SIZES[size]
+    torch.manual_seed(0)
+    encoder = AudioTransformerMAE_Encoder(embed_dim=width, depth=depth, num_heads=heads, group_masking=True)
+    decoder = AudioTransformerMAE_Decoder(
+        input_dim=width,
+        outputdim=256,
+        embed_dim=decoder_width,
+        depth=decoder_depth,
+        num_heads=decoder_heads,
+        num_patches=encoder.patch_embed.num_patches,
+    )
+    reference = AudioTransformerMAE(encoder, decoder).train()
+    config = DashengConfig(
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        decoder_hidden_size=decoder_width,
+        decoder_num_hidden_layers=decoder_depth,
+        decoder_num_attention_heads=decoder_heads,
+        use_batch_statistics=True,
+    )
+    model = DashengForPreTraining(config).train()
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("encoder.front_end.")}
+    model.load_state_dict(state, strict=True)
+    return reference, model
+
+
+def make_steps(
+    reference: torch.nn.Module, model: DashengForPreTraining, waveforms: torch.Tensor, bf16: bool
+) -> dict[str, Callable[[], float]]:
+    """One training step of each model (forward, backward, AdamW step), returning the loss."""
+    extractor = DashengFeatureExtractor()
+    features = extractor(list(waveforms), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    optimizers = {}
+    for name, module in (("original", reference), ("ours", model)):
+        try:
+            optimizers[name] = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)
+        except RuntimeError:
+            optimizers[name] = torch.optim.AdamW(module.parameters(), lr=1e-5)
+
+    def step(name: str, compute_loss: Callable[[dict], torch.Tensor], prepare: Callable[[], dict]) -> float:
+        optimizers[name].zero_grad(set_to_none=True)
+        inputs = prepare()  # outside autocast, as in a data loader
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = compute_loss(inputs)
+        loss.backward()
+        optimizers[name].step()
+        return float(loss.detach())
+
+    def extract() -> dict:
+        return extractor(list(waveforms), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+
+    return {
+        "original": lambda: step("original", lambda _: reference(waveforms, return_loss=True), dict),
+        "ours": lambda: step("ours", lambda inputs: model(**inputs).loss, lambda: features),
+        "ours+fe": lambda: step("ours", lambda inputs: model(**inputs).loss, extract),
+    }
+
+
+def time_interleaved(steps: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median seconds per step of each function, alternating between them after one warm-up call each."""
+    for function in steps.values():
+        function()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, function in steps.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def resident_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def step_memory(size: str, batch: int, seconds: float, which: str, bf16: bool) -> float:
+    """Growth of the resident set (GiB) during one training step of `which`, after a warm-up step."""
+    reference, model = build_pair(size)
+    waveforms = make_batch(batch, seconds)
+    step = make_steps(reference, model, waveforms, bf16)[which]
+    step()  # allocates gradients and optimizer state, as every later step has them
+    before = resident_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident set
+    step()
+    return (resident_kib("VmHWM") - before) / 2**20
+
+
+def make_batch(batch: int, seconds: float) -> torch.Tensor:
+    return 0.1 * torch.randn(batch, int(seconds * SAMPLING_RATE), generator=torch.Generator().manual_seed(0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of each model after one warm-up step")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-of", choices=["original", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(step_memory(args.size, args.batch, args.seconds, args.memory_of, args.bf16))
+        return
+
+    reference, model = build_pair(args.size)
+    waveforms = make_batch(args.batch, args.seconds)
+    print(
+        f"{args.size}: {args.batch} x {args.seconds:g} s, {torch.get_num_threads()} threads, training steps per second "
+        f"(median of {args.steps}, alternating)"
+    )
+    columns = ("precision", "original", "ours", "ratio", "ours+fe", "ratio", "memory original", "memory ours")
+    print(" | ".join(f"{column:>9}" for column in columns))
+    for bf16 in (False, True):
+        seconds = time_interleaved(make_steps(reference, model, waveforms, bf16), args.steps)
+        memory = {"original": float("nan"), "ours": float("nan")}
+        if not args.skip_memory:
+            for which in memory:
+                command = [sys.executable, __file__, "--memory-of", which, "--size", args.size]
+                command += ["--batch", str(args.batch), "--seconds", str(args.seconds), "--threads", str(args.threads)]
+                output = subprocess.run(command + ["--bf16"] * bf16, capture_output=True, text=True, check=True)
+                memory[which] = float(output.stdout.strip().splitlines()[-1])
+        row = (
+            "bf16" if bf16 else "fp32",
+            f"{1 / seconds['original']:.4f}",
+            f"{1 / seconds['ours']:.4f}",
+            f"{seconds['original'] / seconds['ours']:.2f}x",
+            f"{1 / seconds['ours+fe']:.4f}",
+            f"{seconds['original'] / seconds['ours+fe']:.2f}x",
+            f"{memory['original']:.2f} GiB",
+            f"{memory['ours']:.2f} GiB",
+        )
+        print(" | ".join(f"{value:>9}" for value in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
