@@ -65,7 +65,7 @@ def classify(message: str) -> str:
         (r"damaged|cut short|checksum", "refused: damaged file"),
         (r"is (a JSON|a text|a safetensors|empty|a named pipe|a folder)|does not exist|not a Hub-layout",
          "refused: not a checkpoint"),
-        (r"output|Cannot (create|write)|symbolic link|does not name a folder", "refused: output path"),
+        (r"The output|Cannot (create|write)|symbolic link|does not name a folder", "refused: output path"),
         (r"tensors do not fit|not named dense|patch_embed|encoder has no|outside the encoder|head is incomplete",
          "refused: tensors"),
         (r"front end|front-end", "refused: front end"),
