@@ -818,8 +818,9 @@ class DashengForAudioClassification(DashengPreTrainedModel):
         loss = None
         if labels is not None:
             labels = torch.as_tensor(labels, device=logits.device)
-            if self.config.problem_type == "multi_label_classification" and not labels.is_floating_point():
-                labels = labels.float()
+            if not labels.is_floating_point():  # class indices (int32 too) or multi-hot targets
+                multi_label = self.config.problem_type == "multi_label_classification"
+                labels = labels.float() if multi_label else labels.long()
             loss = self.loss_function(labels=labels, pooled_logits=logits.float(), config=self.config)
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
