@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.utils import TensorType, logging
+from transformers.utils import PaddingStrategy, TensorType, logging
 
 from .configuration_dasheng import copy_code_files
 
-__all__ = ["DashengFeatureExtractor", "htk_mel_filter_bank"]
+__all__ = ["DashengFeatureExtractor", "front_end_mismatches", "htk_mel_filter_bank"]
 
 logger = logging.get_logger(__name__)
 
 # Frames of the STFT computed at once per clip: bounds memory for hours-long audio (1 frame = 10 ms).
 _FRAMES_PER_BLOCK = 1 << 16
+# Clips with a sample above this magnitude could overflow float32 power spectra (from about 2e15 at n_fft 512):
+# they are computed in float64, so that their dB values are exact; all other clips keep the float32 path.
+_FLOAT32_SAFE_PEAK = 1e12
 
 
 def htk_mel_filter_bank(
@@ -45,29 +50,146 @@ def htk_mel_filter_bank(
     return torch.minimum(rising, falling).clamp(min=0.0)
 
 
+def front_end_mismatches(config: Any, feature_extractor: DashengFeatureExtractor) -> list[str]:
+    """
+    Every front-end setting on which a [`DashengConfig`] (what the weights were trained with) and a
+    [`DashengFeatureExtractor`] disagree, in words; an empty list when they match.
+    """
+    fields = [
+        ("sampling rate", "sampling_rate", "sampling_rate"),
+        ("FFT size", "n_fft", "n_fft"),
+        ("window length", "win_length", "win_size"),
+        ("hop length", "hop_length", "hop_size"),
+        ("lowest mel frequency", "f_min", "f_min"),
+        ("highest mel frequency", "f_max", "f_max"),
+        ("centring (reflect padding)", "center", "center"),
+        ("dB range below the peak", "top_db", "top_db"),
+        ("number of mel bins", "num_mel_bins", "feature_size"),
+    ]
+    mismatches = []
+    for words, config_field, extractor_field in fields:
+        expected, found = getattr(config, config_field, None), getattr(feature_extractor, extractor_field, None)
+        if not expected == found:
+            mismatches.append(
+                f"{words}: the model's config has {config_field}={expected!r}, the feature extractor "
+                f"{extractor_field}={found!r}"
+            )
+    return mismatches
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _positive_int(name: str, value: Any, fix: str) -> int:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value > 0):
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}). {fix}")
+    return int(value)
+
+
+def _padding_arguments(
+    padding: Any, max_length: Any, truncation: Any, pad_to_multiple_of: Any, unit: str
+) -> tuple[str, int | None]:
+    """Check padding options as Transformers' feature extractors take them; returns the strategy and max_length."""
+    if padding is True:
+        padding = "longest"
+    elif padding is False:
+        padding = "do_not_pad"
+    choices = [strategy.value for strategy in PaddingStrategy]
+    if isinstance(padding, PaddingStrategy):
+        padding = padding.value
+    if padding not in choices:
+        raise ValueError(f"padding must be True, False or one of {choices}, got {padding!r}.")
+    if max_length is not None:
+        max_length = _positive_int("max_length", max_length, f"It is a length in {unit}.")
+    if pad_to_multiple_of is not None:
+        pad_to_multiple_of = _positive_int("pad_to_multiple_of", pad_to_multiple_of, f"It is a length in {unit}.")
+    if not isinstance(truncation, (bool, np.bool_)):
+        raise ValueError(f"truncation must be True or False, got {truncation!r}.")
+    if padding == "max_length" and max_length is None:
+        raise ValueError(f"padding='max_length' needs max_length (in {unit}); or pass padding=True for the longest.")
+    if truncation and max_length is None:
+        raise ValueError(f"truncation=True needs max_length (in {unit}), the length to cut to.")
+    if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+        max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+    return padding, max_length
+
+
+def _target_length(
+    lengths: list[int], padding: str, max_length: int | None, pad_to_multiple_of: int | None, unit: str
+) -> int | None:
+    """The padded length (in `unit`) of clips of `lengths` (already truncated), or None without padding."""
+    if padding == "do_not_pad":
+        return None
+    if padding == "max_length":
+        longer = [index for index, length in enumerate(lengths) if length > max_length]
+        if longer:
+            raise ValueError(
+                f"Clip {longer[0]} has {lengths[longer[0]]} {unit}, more than max_length={max_length} with "
+                f"padding='max_length': pass truncation=True to cut clips to max_length, or a larger max_length."
+            )
+        target = max_length
+    else:
+        target = max(lengths)
+    if pad_to_multiple_of is not None:
+        target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+    return target
+
+
+def _examples(processed_features: Any, name: str) -> list[Mapping[str, Any]]:
+    """`pad`'s input as a list of examples (mappings), each with `name`."""
+    if isinstance(processed_features, Mapping):
+        if name not in processed_features:
+            raise ValueError(f"pad needs {name!r} among the features, got keys {sorted(processed_features)}.")
+        batch = dict(processed_features)
+        if isinstance(batch[name], (torch.Tensor, np.ndarray)) and batch[name].ndim == 2:  # one example
+            batch = {key: [value] for key, value in batch.items()}
+        values = batch[name]
+        if not isinstance(values, (list, tuple, torch.Tensor, np.ndarray)) or len(values) == 0:
+            raise ValueError(f"pad needs a non-empty batch of {name}, got {type(values).__name__}.")
+        return [{key: value[index] for key, value in batch.items()} for index in range(len(values))]
+    if isinstance(processed_features, (list, tuple)) and processed_features:
+        for index, example in enumerate(processed_features):
+            if not isinstance(example, Mapping) or name not in example:
+                raise ValueError(
+                    f"pad takes a list of examples with {name!r} (from DashengFeatureExtractor); example {index} is "
+                    f"{type(example).__name__}"
+                    + (f" with keys {sorted(example)}." if isinstance(example, Mapping) else ".")
+                )
+        return list(processed_features)
+    raise ValueError(
+        f"pad takes a BatchFeature, a dict with {name!r} or a non-empty list of such examples, got "
+        f"{type(processed_features).__name__}."
+    )
+
+
 class DashengFeatureExtractor(SequenceFeatureExtractor):
     r"""
     Turns 16 kHz mono waveforms into the log-mel spectrograms Dasheng was trained on.
 
     Power mel spectrogram (periodic Hann window, `n_fft` 512, hop 160 samples = 10 ms, centred with reflect padding,
     64 HTK mel bands from 0 to 8 kHz, no filter normalisation), then `10 * log10(max(mel, 1e-10))` floored at
-    `top_db` below the clip's own maximum. A clip of `N` samples gives `N // 160 + 1` frames.
+    `top_db` below the clip's own maximum. A clip of `N` samples gives `N // 160 + 1` frames. Any finite float32
+    audio gives finite features: clips with samples beyond 1e12 (unnormalised audio) are computed in float64.
 
     Clips of different lengths are padded on the right to the longest clip, after each clip's own reflect padding,
     so every clip's features equal those computed for it alone; `attention_mask` (1 = real frame) is returned
-    whenever clips were padded.
+    whenever clips were padded. [`~DashengFeatureExtractor.pad`] pads features computed clip by clip the same way,
+    so `DataCollatorWithPadding(feature_extractor)` and Trainer's default collator work.
 
     Args:
         feature_size (`int`, *optional*, defaults to 64): Mel bands.
         sampling_rate (`int`, *optional*, defaults to 16000): Sampling rate the features expect, in Hz.
         padding_value (`float`, *optional*, defaults to 0.0): Value of padded frames.
         n_fft (`int`, *optional*, defaults to 512): FFT size in samples.
-        win_size (`int`, *optional*, defaults to 512): Hann window length in samples.
+        win_size (`int`, *optional*, defaults to 512): Hann window length in samples, at most `n_fft`.
         hop_size (`int`, *optional*, defaults to 160): Hop between frames in samples.
-        f_min (`float`, *optional*, defaults to 0): Lowest mel band edge in Hz.
-        f_max (`float`, *optional*, defaults to 8000): Highest mel band edge in Hz.
+        f_min (`float`, *optional*, defaults to 0): Lowest mel band edge in Hz, `0 <= f_min < f_max`.
+        f_max (`float`, *optional*, defaults to 8000): Highest mel band edge in Hz, at most `sampling_rate / 2`
+            (None: `sampling_rate / 2`).
         center (`bool`, *optional*, defaults to `True`): Reflect-pad `n_fft // 2` samples on both sides of a clip.
-        top_db (`float`, *optional*, defaults to 120): Dynamic range kept below each clip's maximum, in dB.
+        top_db (`float`, *optional*, defaults to 120): Dynamic range kept below each clip's maximum, in dB (positive,
+            or None for no floor).
         return_attention_mask (`bool`, *optional*, defaults to `True`): Return the mask for unpadded batches too.
             A padded batch always gets its mask, whatever this says.
     """
@@ -83,28 +205,49 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         win_size: int = 512,
         hop_size: int = 160,
         f_min: float = 0.0,
-        f_max: float = 8000.0,
+        f_max: float | None = 8000.0,
         center: bool = True,
         top_db: float | None = 120.0,
         return_attention_mask: bool = True,
         **kwargs,
     ):
+        feature_size = _positive_int("feature_size", feature_size, "Dasheng uses 64 mel bands.")
+        sampling_rate = _positive_int("sampling_rate", sampling_rate, "Dasheng expects 16000 Hz.")
+        n_fft = _positive_int("n_fft", n_fft, "Dasheng uses 512.")
+        win_size = _positive_int("win_size", win_size, "Dasheng uses 512.")
+        hop_size = _positive_int("hop_size", hop_size, "Dasheng uses 160 (10 ms).")
+        if win_size > n_fft:
+            raise ValueError(f"win_size ({win_size}) must not exceed n_fft ({n_fft}); Dasheng uses 512 for both.")
+        nyquist = sampling_rate / 2
+        f_max = nyquist if f_max is None else f_max
+        if not all(_is_real(value) and math.isfinite(value) for value in (f_min, f_max)) or not (
+            0 <= f_min < f_max <= nyquist
+        ):
+            raise ValueError(
+                f"The mel band edges must be numbers with 0 <= f_min < f_max <= sampling_rate / 2 ({nyquist:g} Hz); "
+                f"got f_min={f_min!r}, f_max={f_max!r}, sampling_rate={sampling_rate}. Dasheng uses 0 and 8000 Hz."
+            )
+        if top_db is not None and not (_is_real(top_db) and 0 < top_db < math.inf):
+            raise ValueError(f"top_db must be a positive number of dB or None, got {top_db!r}; Dasheng uses 120.")
+        if not (_is_real(padding_value) and math.isfinite(padding_value)):
+            raise ValueError(f"padding_value must be a finite number, got {padding_value!r}.")
+        for name, value in (("center", center), ("return_attention_mask", return_attention_mask)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be true or false, got {value!r}.")
         super().__init__(
             feature_size=feature_size,
             sampling_rate=sampling_rate,
-            padding_value=padding_value,
-            return_attention_mask=return_attention_mask,
+            padding_value=float(padding_value),
+            return_attention_mask=bool(return_attention_mask),
             **kwargs,
         )
-        if win_size > n_fft:
-            raise ValueError(f"win_size ({win_size}) must not exceed n_fft ({n_fft}).")
         self.n_fft = n_fft
         self.win_size = win_size
         self.hop_size = hop_size
-        self.f_min = f_min
-        self.f_max = f_max
-        self.center = center
-        self.top_db = top_db
+        self.f_min = float(f_min)
+        self.f_max = float(f_max)
+        self.center = bool(center)
+        self.top_db = None if top_db is None else float(top_db)
         # (n_fft // 2 + 1, feature_size) float32 triangular HTK filters without normalisation.
         self.mel_filters = htk_mel_filter_bank(n_fft // 2 + 1, feature_size, f_min, f_max, sampling_rate).numpy()
 
@@ -130,7 +273,7 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         return output
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Save `preprocessor_config.json` and the three code files, so the folder loads with `trust_remote_code`."""
+        """Save `preprocessor_config.json` and the code files, so the folder loads with `trust_remote_code`."""
         files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         copy_code_files(save_directory)
         return files
@@ -138,7 +281,9 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
     @property
     def min_num_samples(self) -> int:
         """Shortest clip in samples: 4 frames, the width of one patch (480 samples at the defaults)."""
-        return 3 * self.hop_size if self.center else self.n_fft + 3 * self.hop_size
+        if self.center:  # reflect padding needs more samples than it reflects
+            return max(3 * self.hop_size, self.n_fft // 2 + 1)
+        return self.n_fft + 3 * self.hop_size
 
     def num_frames(self, num_samples: int) -> int:
         """Frames (10 ms each at the defaults) of a clip of `num_samples` samples."""
@@ -150,8 +295,12 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         self,
         raw_speech: np.ndarray | torch.Tensor | Sequence[float] | Sequence[np.ndarray | torch.Tensor | Sequence[float]],
         sampling_rate: int | None = None,
-        return_tensors: str | TensorType | None = None,
+        return_tensors: str | TensorType | None = "pt",
         return_attention_mask: bool | None = None,
+        padding: bool | str | PaddingStrategy = True,
+        max_length: int | None = None,
+        truncation: bool = False,
+        pad_to_multiple_of: int | None = None,
         device: str | torch.device = "cpu",
         **kwargs,
     ) -> BatchFeature:
@@ -163,13 +312,19 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 `(batch, samples)` array of equal-length clips. A `(2, N)` stereo array is read as two clips: mix it
                 down first (`x.mean(0)`). Samples are floats, nominally in [-1, 1].
             sampling_rate: Sampling rate of `raw_speech` in Hz; must be 16000.
-            return_tensors: `"pt"`, `"np"` or `None` (lists).
+            return_tensors: `"pt"` (the default, as in the first Hub port), `"np"` or `None` (lists of arrays).
             return_attention_mask: Return `attention_mask` also when no clip was padded.
+            padding: `True` or `"longest"`: pad to the longest clip; `"max_length"`: pad to `max_length` samples;
+                `False` or `"do_not_pad"`: clips of different lengths come back as a list (`return_tensors=None`).
+            max_length: In samples: the length that `padding="max_length"` pads to and `truncation` cuts to.
+            truncation: Keep only the first `max_length` samples of longer clips.
+            pad_to_multiple_of: Round the padded length (in samples) up to a multiple of this.
             device: Where to compute (`"cuda"` for speed); results are moved to the CPU unless `return_tensors="pt"`.
 
         Returns:
             [`BatchFeature`] with `input_values` `(batch, 64, frames)` float32 log-mel in dB and, when clips were
-            padded or asked for, `attention_mask` `(batch, frames)` int32 with 1 on real frames.
+            padded or asked for, `attention_mask` `(batch, frames)` int32 with 1 on real frames. Padded frames hold
+            `padding_value`; every clip's real frames equal those of the clip alone.
         """
         if kwargs:
             logger.warning(f"DashengFeatureExtractor ignores the arguments {sorted(kwargs)}.")
@@ -185,13 +340,131 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 f"`librosa.resample(x, orig_sr={sampling_rate}, target_sr={self.sampling_rate})`, or with datasets "
                 f"`ds.cast_column('audio', Audio(sampling_rate={self.sampling_rate}))`."
             )
+        padding, max_length = _padding_arguments(padding, max_length, truncation, pad_to_multiple_of, "samples")
+        if max_length is not None and max_length < self.min_num_samples and (truncation or padding == "max_length"):
+            raise ValueError(
+                f"max_length ({max_length} samples) is shorter than the shortest clip Dasheng accepts "
+                f"({self.min_num_samples} samples); pass a larger max_length."
+            )
         clips = self._to_clips(raw_speech)
+        if truncation:
+            clips = [clip[:max_length] for clip in clips]
+        lengths = [clip.numel() for clip in clips]
+        target = _target_length(lengths, padding, max_length, pad_to_multiple_of, "samples")
         features, num_frames = self.extract_fbank_features(clips, device=device)
-        padded = bool((num_frames < features.shape[-1]).any())
-        data = {"input_values": features}
-        if padded or return_attention_mask or (return_attention_mask is None and self.return_attention_mask):
-            frame_index = torch.arange(features.shape[-1], device=num_frames.device)
-            data["attention_mask"] = (frame_index[None, :] < num_frames[:, None]).to(torch.int32)
+        if target is not None and self.num_frames(target) > features.shape[-1]:
+            extra = self.num_frames(target) - features.shape[-1]
+            features = torch.nn.functional.pad(features, (0, extra), value=self.padding_value)
+        return self._batch(features, num_frames, padding, return_attention_mask, return_tensors)
+
+    def pad(
+        self,
+        processed_features: BatchFeature | Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        padding: bool | str | PaddingStrategy = True,
+        max_length: int | None = None,
+        truncation: bool = False,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | TensorType | None = None,
+    ) -> BatchFeature:
+        """
+        Pad features made by this extractor (clip by clip or in batches) into one batch along frames.
+
+        This is what `DataCollatorWithPadding(feature_extractor)` and Trainer's default collator call. Each example's
+        `input_values` is `(64, frames)` (or `(1, 64, frames)`), as a tensor, array or nested lists; an example's own
+        `attention_mask` (`(frames,)` or `(1, frames)`) marks frames that are already padding. Other keys (e.g.
+        `labels`) are batched as they are.
+
+        Args:
+            processed_features: A list of such examples, or one [`BatchFeature`] / dict of batched values.
+            padding, truncation: As in `__call__`.
+            max_length, pad_to_multiple_of: As in `__call__`, but in frames: this pads features, not audio.
+            return_attention_mask: Return `attention_mask` also when nothing was padded.
+            return_tensors: `"pt"`, `"np"` or `None` (the type of the input: tensors give `"pt"`, otherwise `"np"`).
+
+        Returns:
+            [`BatchFeature`] with `input_values` `(batch, 64, frames)` float32 and, when padded or asked for,
+            `attention_mask` `(batch, frames)` int32; equal to extracting the clips together in one call.
+        """
+        examples = _examples(processed_features, self.model_input_names[0])
+        name = self.model_input_names[0]
+        padding, max_length = _padding_arguments(padding, max_length, truncation, pad_to_multiple_of, "frames")
+        items, lengths = [], []
+        for index, example in enumerate(examples):
+            item, length = self._feature_item(example[name], example.get("attention_mask"), index)
+            items.append(item)
+            lengths.append(min(length, max_length) if truncation else length)
+        if return_tensors is None:
+            return_tensors = "pt" if isinstance(examples[0][name], torch.Tensor) else "np"
+        target = _target_length(lengths, padding, max_length, pad_to_multiple_of, "frames")
+        width = max(lengths) if target is None else target
+        features = torch.full((len(items), self.feature_size, width), self.padding_value, dtype=torch.float32)
+        for row, (item, length) in enumerate(zip(items, lengths)):
+            features[row, :, :length] = item[:, :length]
+        batch = self._batch(features, torch.tensor(lengths), padding, return_attention_mask, return_tensors)
+        for key in examples[0]:
+            if key not in (name, "attention_mask"):
+                batch[key] = [example[key] for example in examples]
+        return BatchFeature(dict(batch), tensor_type=return_tensors)
+
+    def _feature_item(self, values: Any, mask: Any, index: int) -> tuple[torch.Tensor, int]:
+        """One example's features as a `(feature_size, frames)` float32 tensor and its number of real frames."""
+        try:
+            item = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Example {index}: input_values is not a numeric array ({error}).") from error
+        item = item[0] if item.ndim == 3 and item.shape[0] == 1 else item
+        if item.ndim != 2 or item.shape[0] != self.feature_size or not (item.is_floating_point()):
+            hint = "Pass the features that DashengFeatureExtractor returns."
+            if item.ndim == 2 and item.shape[1] == self.feature_size:
+                hint = "This looks like (frames, mel bins): Dasheng features are (mel bins, frames); transpose them."
+            elif item.ndim == 1:
+                hint = "This looks like a waveform: run it through the feature extractor first."
+            raise ValueError(
+                f"Example {index}: input_values has shape {tuple(item.shape)} and dtype {item.dtype}; expected float "
+                f"features of shape ({self.feature_size}, frames). {hint}"
+            )
+        length = item.shape[1]
+        if mask is not None:
+            mask = mask.detach().cpu() if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask))
+            mask = mask[0] if mask.ndim == 2 and mask.shape[0] == 1 else mask
+            length = int((mask != 0).sum()) if mask.ndim == 1 else -1
+            if (
+                mask.shape != (item.shape[1],)
+                or not bool(((mask == 0) | (mask == 1)).all())
+                or (length and not bool((mask[:length] == 1).all()))
+            ):
+                raise ValueError(
+                    f"Example {index}: attention_mask of shape {tuple(mask.shape)} does not fit input_values "
+                    f"{tuple(item.shape)}: it must be ({item.shape[1]},), 1 on real frames then 0 on padding."
+                )
+        return item.to(torch.float32), length
+
+    def _batch(
+        self,
+        features: torch.Tensor,
+        num_frames: torch.Tensor,
+        padding: str,
+        return_attention_mask: bool | None,
+        return_tensors: str | TensorType | None,
+    ) -> BatchFeature:
+        """The BatchFeature of padded `features` `(batch, mel, frames)` with `num_frames` real frames each."""
+        if return_attention_mask is None:
+            return_attention_mask = self.return_attention_mask
+        with_mask = bool((num_frames < features.shape[-1]).any()) or return_attention_mask
+        frame_index = torch.arange(features.shape[-1], device=num_frames.device)
+        mask = (frame_index[None, :] < num_frames[:, None]).to(torch.int32)
+        if padding == "do_not_pad" and bool((num_frames != features.shape[-1]).any()):
+            if return_tensors is not None:
+                raise ValueError(
+                    "With padding=False the clips keep their own lengths, which differ, so they cannot be one "
+                    f"{return_tensors!r} tensor: pass padding=True (pad to the longest) or return_tensors=None (lists)."
+                )
+            values = [row[:, :frames].cpu().numpy() for row, frames in zip(features, num_frames.tolist())]
+            masks = [row[:frames].cpu().numpy() for row, frames in zip(mask, num_frames.tolist())]
+            data = {"input_values": values, **({"attention_mask": masks} if return_attention_mask else {})}
+            return BatchFeature(data)
+        data = {"input_values": features, **({"attention_mask": mask} if with_mask else {})}
         if return_tensors not in ("pt", TensorType.PYTORCH):
             data = {key: value.cpu().numpy() for key, value in data.items()}
             if return_tensors is None:
@@ -250,10 +523,15 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 f"Clip {index} is {what}; Dasheng needs at least {self.min_num_samples} samples "
                 f"({1000 * self.min_num_samples / self.sampling_rate:.0f} ms at {self.sampling_rate} Hz)."
             )
-        clip = clip.to(torch.float32)
         if not bool(torch.isfinite(clip).all()):
             raise ValueError(f"Clip {index} contains NaN or infinite samples.")
-        return clip
+        samples = clip.to(torch.float32)
+        if not bool(torch.isfinite(samples).all()):
+            raise ValueError(
+                f"Clip {index} has samples beyond the float32 range (up to {float(clip.abs().max()):.3g}); the audio "
+                f"looks unnormalised: scale it to [-1, 1] first, e.g. `x / np.abs(x).max()`."
+            )
+        return samples
 
     def extract_fbank_features(
         self, clips: list[torch.Tensor], device: str | torch.device = "cpu"
@@ -266,20 +544,37 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             to `padding_value`; `num_frames` `(batch,)` int64, each clip's real frames.
         """
         device = torch.device(device)
-        # Always float32, also inside a caller's autocast region: dB values need the precision.
+        num_frames = torch.tensor([self.num_frames(clip.numel()) for clip in clips], device=device)
+        loud = [bool(clip.abs().max() > _FLOAT32_SAFE_PEAK) for clip in clips]
+        # Always float32, also inside a caller's autocast region: dB values need the precision. Loud clips (whose
+        # power could overflow float32) in float64, on the CPU where the device has none (MPS).
         with torch.autocast(device.type, enabled=False):
-            return self._log_mel(clips, device)
+            if not any(loud):
+                log_mel = self._log_mel(clips, device, torch.float32)
+            else:
+                log_mel = torch.zeros(len(clips), self.feature_size, int(num_frames.max()), device=device)
+                for flag, dtype in ((False, torch.float32), (True, torch.float64)):
+                    rows = [row for row, is_loud in enumerate(loud) if is_loud == flag]
+                    where = torch.device("cpu") if flag and device.type == "mps" else device
+                    if rows:
+                        part = self._log_mel([clips[row] for row in rows], where, dtype).to(device)
+                        log_mel[rows, :, : part.shape[-1]] = part
+            is_real = torch.arange(log_mel.shape[-1], device=device)[None, :] < num_frames[:, None]
+            if self.top_db is not None:
+                # Floor at top_db below each clip's own maximum over its real frames.
+                peak = log_mel.masked_fill(~is_real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
+                log_mel = torch.maximum(log_mel, peak - self.top_db)
+            return log_mel.masked_fill(~is_real[:, None, :], self.padding_value), num_frames
 
-    def _log_mel(self, clips: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_mel(self, clips: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`10 * log10(max(mel, 1e-10))` `(batch, feature_size, max_frames)` float32, computed in `dtype`."""
         pad = self.n_fft // 2 if self.center else 0
-        lengths = [clip.numel() for clip in clips]
-        num_frames = torch.tensor([self.num_frames(length) for length in lengths], device=device)
-        max_frames = int(num_frames.max())
+        max_frames = max(self.num_frames(clip.numel()) for clip in clips)
         # Each clip is reflect-padded at its own ends, then zero-padded on the right to the longest clip.
-        signal = torch.zeros(len(clips), (max_frames - 1) * self.hop_size + self.n_fft, device=device)
+        signal = torch.zeros(len(clips), (max_frames - 1) * self.hop_size + self.n_fft, device=device, dtype=dtype)
         width = signal.shape[1]
         for row, clip in enumerate(clips):
-            clip = clip.to(device)
+            clip = clip.to(device, dtype)
             length = clip.numel()
             signal[row, pad : min(pad + length, width)] = clip[: width - pad]
             if pad:  # reflection without repeating the edge sample, written in place (no padded copy of the clip)
@@ -288,8 +583,8 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 if right > 0:
                     signal[row, pad + length : pad + length + right] = clip[-right - 1 : -1].flip(0)
 
-        window = torch.hann_window(self.win_size, periodic=True, device=device)
-        mel_filters = torch.from_numpy(self.mel_filters).to(device)
+        window = torch.hann_window(self.win_size, periodic=True, device=device, dtype=dtype)
+        mel_filters = torch.from_numpy(self.mel_filters).to(device, dtype)
         log_mel = torch.empty(len(clips), self.feature_size, max_frames, device=device)
         # The STFT is taken block by block so that memory stays bounded for long audio (frames are independent).
         block = max(1, _FRAMES_PER_BLOCK // len(clips))
@@ -308,14 +603,7 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             power = stft.abs().pow(2)
             mel = torch.matmul(mel_filters.T, power)
             log_mel[:, :, start:stop] = 10.0 * torch.log10(mel.clamp(min=1e-10))
-
-        is_real = torch.arange(max_frames, device=device)[None, :] < num_frames[:, None]
-        if self.top_db is not None:
-            # Floor at top_db below each clip's own maximum over its real frames.
-            peak = log_mel.masked_fill(~is_real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
-            log_mel = torch.maximum(log_mel, peak - self.top_db)
-        log_mel = log_mel.masked_fill(~is_real[:, None, :], self.padding_value)
-        return log_mel, num_frames
+        return log_mel
 
 
 DashengFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")

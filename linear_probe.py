@@ -17,11 +17,12 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ from transformers import (
 )
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging
 
+from .audio_data import DashengAudioClips, DashengAudioError, read_file_list
 from .feature_extraction_dasheng import DashengFeatureExtractor
 from .modeling_dasheng import DashengForAudioClassification, DashengModel
 
@@ -59,13 +62,15 @@ __all__ = [
     "train_linear_probe",
 ]
 
+logger = logging.get_logger(__name__)
+
 SAMPLING_RATE = 16000
 DEFAULT_MODEL = "mispeech/dasheng-base"
 DEFAULT_DATASET = "ashraq/esc50"
 # Default (epochs, learning rate, batch size) per mode: a frozen-encoder linear head on standardised embeddings, and
 # end-to-end fine-tuning of a pretrained encoder.
 MODE_DEFAULTS = {"probe": (30, 1e-2, 256), "finetune": (10, 5e-5, 16)}
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: audio decoded by audio_data (soundfile, torchcodec; sinc resampling)
 
 
 class LinearProbeError(ValueError):
@@ -81,7 +86,7 @@ class AudioClips:
     Labelled clips with their cross-validation folds; audio is decoded (mono, 16 kHz) when asked for.
 
     Attributes:
-        dataset: A `datasets.Dataset` whose `audio` column decodes at 16 kHz.
+        audio: The clips (a [`DashengAudioClips`]: files or `datasets` rows).
         labels: `(num_clips,)` int64 class indices `0 .. len(label_names) - 1`.
         folds: `(num_clips,)` int64 fold of each clip.
         label_names: Name of each class index.
@@ -89,7 +94,7 @@ class AudioClips:
         source: The `--dataset` argument it was loaded from.
     """
 
-    dataset: Any
+    audio: DashengAudioClips
     labels: np.ndarray
     folds: np.ndarray
     label_names: list[str]
@@ -100,21 +105,25 @@ class AudioClips:
         return len(self.labels)
 
     def waveform(self, index: int) -> np.ndarray:
-        """Clip `index` as mono float32 samples at 16 kHz."""
-        audio = self.dataset[int(index)]["audio"]
-        if hasattr(audio, "get_all_samples"):  # datasets >= 4 decodes with torchcodec
-            samples = audio.get_all_samples()
-            waveform, rate = samples.data.mean(dim=0).numpy(), samples.sample_rate
-        else:
-            waveform, rate = np.asarray(audio["array"]), audio["sampling_rate"]
-            waveform = waveform.mean(axis=0) if waveform.ndim == 2 else waveform
-        if rate != SAMPLING_RATE:
-            raise LinearProbeError(f"Clip {index} decoded at {rate} Hz instead of {SAMPLING_RATE} Hz.")
-        return waveform.astype(np.float32, copy=False)
+        """Clip `index` as mono float32 samples at 16 kHz; [`DashengAudioError`] names a clip that cannot be used."""
+        return self.audio[int(index)]["audio"]
+
+    def name(self, index: int) -> str:
+        """The file (and list row) of clip `index`, for messages."""
+        return self.audio.record(int(index)).origin
+
+    def subset(self, indices: Sequence[int]) -> AudioClips:
+        """The clips at `indices` (same labels and names, a fingerprint of their own)."""
+        indices = [int(index) for index in indices]
+        audio = DashengAudioClips.from_records([self.audio.units[index] for index in indices])
+        fingerprint = hashlib.sha256(f"{self.fingerprint}|{indices}".encode()).hexdigest()
+        labels, folds = self.labels[indices], self.folds[indices]
+        return replace(self, audio=audio, labels=labels, folds=folds, fingerprint=fingerprint)
 
 
 def _is_local(path: str) -> bool:
-    return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
+    """A path rather than a Hub id: it exists, starts like a path, or has more parts than `owner/name`."""
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.strip("/").count("/") > 1
 
 
 def _hub_hint(kind: str) -> str:
@@ -124,16 +133,25 @@ def _hub_hint(kind: str) -> str:
     )
 
 
+def _integers(values: Sequence[Any], column: str, name: Any) -> list[int]:
+    """`values` as integers; a cell that is not one is an error naming its row (`name(index)`)."""
+    integers = []
+    for index, value in enumerate(values):
+        try:
+            integers.append(int(str(value).strip()))
+        except ValueError:
+            raise LinearProbeError(f"{name(index)}: {column} {value!r} is not an integer.") from None
+    return integers
+
+
 def load_audio_clips(source: str = DEFAULT_DATASET) -> AudioClips:
     """
     Load a dataset with ESC-50 columns: a local folder in the release layout or a Hub dataset id.
 
     The local folder holds `meta/esc50.csv` (columns `filename`, `fold`, `target`, optionally `category`) and the
-    files under `audio/`; a Hub dataset has one `train` split with `audio`, `fold`, `target` (and `category`).
-    Audio at any sampling rate is resampled to 16 kHz when decoded.
+    files under `audio/` (names relative to it, staying inside it); a Hub dataset has one `train` split with `audio`,
+    `fold`, `target` (and `category`). Audio at any sampling rate is resampled to 16 kHz when decoded.
     """
-    from datasets import Audio, Dataset, load_dataset
-
     if _is_local(source):
         root = Path(source).expanduser()
         meta = root / "meta" / "esc50.csv"
@@ -142,28 +160,27 @@ def load_audio_clips(source: str = DEFAULT_DATASET) -> AudioClips:
                 f"{root} is not a folder in the ESC-50 release layout: {meta} is missing. Pass the unpacked "
                 f"ESC-50-master folder (audio/*.wav and meta/esc50.csv), or a Hub dataset id such as {DEFAULT_DATASET}."
             )
-        with meta.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        missing_columns = {"filename", "fold", "target"} - set(rows[0] if rows else {})
+        try:
+            records = read_file_list(meta, audio_root=root / "audio", allow_absolute=False)
+        except DashengAudioError as error:
+            raise LinearProbeError(str(error)) from error
+        missing_columns = {"fold", "target"} - set(records[0].labels or {})
         if missing_columns:
-            raise LinearProbeError(f"{meta} lacks the columns {sorted(missing_columns)} (or has no rows).")
-        paths = [root / "audio" / row["filename"] for row in rows]
-        missing = [str(path) for path in paths if not path.is_file()]
+            raise LinearProbeError(f"{meta} lacks the columns {sorted(missing_columns)}.")
+        missing = [record.origin for record in records if not Path(record.path).is_file()]
         if missing:
             raise LinearProbeError(f"{len(missing)} files listed in {meta} are missing, e.g. {missing[:3]}.")
         digest = hashlib.sha256(meta.read_bytes())
-        for path in paths:
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        columns = {
-            "audio": [str(path) for path in paths],
-            "fold": [int(row["fold"]) for row in rows],
-            "target": [int(row["target"]) for row in rows],
-            "category": [row.get("category") or row["target"] for row in rows],
-        }
-        dataset = Dataset.from_dict(columns)
+        for record in records:
+            stat = Path(record.path).stat()
+            digest.update(f"{record.key}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        audio = DashengAudioClips.from_records(records)
+        columns = {name: [record.labels[name] for record in records] for name in ("fold", "target")}
+        columns["category"] = [record.labels.get("category") or record.labels["target"] for record in records]
         fingerprint = f"local:{digest.hexdigest()}"
     else:
+        from datasets import load_dataset
+
         try:
             dataset = load_dataset(source, split="train")
         except Exception as error:
@@ -180,15 +197,17 @@ def load_audio_clips(source: str = DEFAULT_DATASET) -> AudioClips:
         fingerprint = f"hub:{source}:{dataset._fingerprint}"
         columns = {"target": list(dataset["target"]), "fold": list(dataset["fold"])}
         columns["category"] = list(dataset["category"]) if "category" in dataset.column_names else columns["target"]
-    dataset = dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE))
-    targets = sorted(set(columns["target"]))
-    index_of = {target: index for index, target in enumerate(targets)}
-    names = {target: str(category) for target, category in zip(columns["target"], columns["category"])}
+        audio = DashengAudioClips(dataset.select_columns(["audio"]))
+    folds = _integers(columns["fold"], "fold", lambda index: audio.record(index).origin)
+    targets = _integers(columns["target"], "target", lambda index: audio.record(index).origin)
+    classes = sorted(set(targets))
+    index_of = {target: index for index, target in enumerate(classes)}
+    names = {target: str(category) for target, category in zip(targets, columns["category"])}
     return AudioClips(
-        dataset=dataset,
-        labels=np.array([index_of[target] for target in columns["target"]], dtype=np.int64),
-        folds=np.array(columns["fold"], dtype=np.int64),
-        label_names=[names[target] for target in targets],
+        audio=audio,
+        labels=np.array([index_of[target] for target in targets], dtype=np.int64),
+        folds=np.array(folds, dtype=np.int64),
+        label_names=[names[target] for target in classes],
         fingerprint=fingerprint,
         source=source,
     )
@@ -209,18 +228,14 @@ def _dasheng_feature_extractor(name: str, model: PreTrainedModel) -> DashengFeat
         return DashengFeatureExtractor.from_dasheng_config(model.config)
 
 
-def load_encoder(
-    name: str = DEFAULT_MODEL,
-    trust_remote_code: bool = False,
-    label_names: Sequence[str] | None = None,
-) -> tuple[PreTrainedModel, FeatureExtractionMixin]:
-    """
-    Load an encoder and its feature extractor from a Hub id or a local folder.
-
-    Dasheng checkpoints (this project's layout or the first Hub port) load with this project's classes; any other
-    audio model loads with `AutoModel` / `AutoFeatureExtractor`. With `label_names` the model is a classifier with a
-    fresh head of that many outputs (`DashengForAudioClassification` or `AutoModelForAudioClassification`).
-    """
+def _model_config(name: str) -> dict[str, Any]:
+    """The config of `--model`, read without loading weights: a missing folder or bad id is reported here."""
+    if _is_local(name) and not Path(name).expanduser().is_dir():
+        what = "is a file, not a model folder" if Path(name).expanduser().exists() else "does not exist"
+        raise LinearProbeError(
+            f"--model {name} {what}. Pass a folder written by save_pretrained (config.json and weights) or a Hub id "
+            f"such as {DEFAULT_MODEL}."
+        )
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(str(Path(name).expanduser()) if _is_local(name) else name)
     except OSError as error:
@@ -233,6 +248,22 @@ def load_encoder(
             f"Could not load the model {name!r}: it has no config.json with a model_type. Pass a Hub id or a folder "
             f"written by save_pretrained (config.json and weights)."
         )
+    return config_dict
+
+
+def load_encoder(
+    name: str = DEFAULT_MODEL,
+    trust_remote_code: bool = False,
+    label_names: Sequence[str] | None = None,
+) -> tuple[PreTrainedModel, FeatureExtractionMixin]:
+    """
+    Load an encoder and its feature extractor from a Hub id or a local folder.
+
+    Dasheng checkpoints (this project's layout or the first Hub port) load with this project's classes; any other
+    audio model loads with `AutoModel` / `AutoFeatureExtractor`. With `label_names` the model is a classifier with a
+    fresh head of that many outputs (`DashengForAudioClassification` or `AutoModelForAudioClassification`).
+    """
+    config_dict = _model_config(name)
     if _is_local(name):
         name = str(Path(name).expanduser())
     labels = None
@@ -269,11 +300,15 @@ def embed_clips(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = True,
+    skipped: dict[int, str] | None = None,
 ) -> np.ndarray:
     """
-    Embed every clip whole: the model's `pooler_output` or, lacking one, the mean of `last_hidden_state`.
+    Embed every clip whole, in order, `batch_size` at a time: the model's `pooler_output` or, lacking one, the mean
+    of `last_hidden_state`.
 
-    Clips are decoded in groups, sorted by length within a group so batches carry little padding.
+    A clip that cannot be used (unreadable, empty, non-finite samples, shorter than 30 ms) is skipped with a warning
+    that names it: its row is NaN and `skipped[index]` says why. A clip whose embedding is not finite raises
+    [`LinearProbeError`].
 
     Returns:
         `(num_clips, hidden_size)` float32 embeddings in the order of `clips`.
@@ -282,20 +317,53 @@ def embed_clips(
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
-    embeddings: list[np.ndarray | None] = [None] * len(clips)
-    group = 16 * batch_size
+    skipped = {} if skipped is None else skipped
+    embeddings = None
     with tqdm(total=len(clips), desc="Embedding clips", unit="clip", disable=not progress) as bar:
-        for start in range(0, len(clips), group):
-            indices = list(range(start, min(start + group, len(clips))))
-            waveforms = {index: clips.waveform(index) for index in indices}
-            indices.sort(key=lambda index: len(waveforms[index]))
-            for batch_start in range(0, len(indices), batch_size):
-                batch = indices[batch_start : batch_start + batch_size]
-                pooled = _pooled_embeddings(model, feature_extractor, [waveforms[index] for index in batch], device)
-                for index, row in zip(batch, pooled.float().cpu().numpy()):
-                    embeddings[index] = row
-                bar.update(len(batch))
-    return np.stack(embeddings)
+        for start in range(0, len(clips), batch_size):
+            batch, waveforms = [], []
+            for index in range(start, min(start + batch_size, len(clips))):
+                try:
+                    waveforms.append(clips.waveform(index))
+                    batch.append(index)
+                except DashengAudioError as error:
+                    skipped[index] = str(error)
+                    logger.warning(f"Skipped {error}")
+            if batch:
+                names = [clips.name(index) for index in batch]
+                pooled = _checked_embeddings(model, feature_extractor, waveforms, device, names)
+                if embeddings is None:
+                    embeddings = np.full((len(clips), pooled.shape[1]), np.nan, dtype=np.float32)
+                embeddings[batch] = pooled
+            bar.update(min(batch_size, len(clips) - start))
+    if embeddings is None:
+        raise LinearProbeError(f"None of the {len(clips)} clips of {clips.source} can be used, e.g. {skipped[0]}")
+    return embeddings
+
+
+def _checked_embeddings(
+    model: PreTrainedModel,
+    feature_extractor: FeatureExtractionMixin,
+    waveforms: list[np.ndarray],
+    device: torch.device,
+    names: list[str],
+) -> np.ndarray:
+    """`(batch, hidden)` finite float32 embeddings; a clip that the model refuses or turns into NaN is named."""
+    try:
+        pooled = _pooled_embeddings(model, feature_extractor, waveforms, device).float().cpu().numpy()
+    except ValueError as error:
+        if len(waveforms) > 1:  # find the clip that is refused
+            return np.concatenate(
+                [_checked_embeddings(model, feature_extractor, [w], device, [n]) for w, n in zip(waveforms, names)]
+            )
+        raise LinearProbeError(f"{names[0]}: {error}") from error
+    for row, name, waveform in zip(pooled, names, waveforms):
+        if not np.isfinite(row).all():
+            raise LinearProbeError(
+                f"{name}: its embedding is not finite (NaN or infinity); its samples reach {np.abs(waveform).max():.3g}"
+                f": normalise the audio to [-1, 1], or leave the file out."
+            )
+    return pooled
 
 
 def _pooled_embeddings(
@@ -331,26 +399,54 @@ def cached_embeddings(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> tuple[np.ndarray, bool]:
+) -> tuple[np.ndarray, dict[int, str], bool]:
     """
-    Embeddings of `clips` from `cache_dir` if this model and data were embedded before, else computed and stored.
+    Embeddings of `clips` from `cache_dir` if this model and data were embedded before, else computed and stored
+    (`KEY.npz`: the embeddings, the key and the skipped clips, written atomically).
 
     Returns:
-        `(embeddings, from_cache)`.
+        `(embeddings, skipped, from_cache)`: see [`embed_clips`] for `embeddings` (NaN rows) and `skipped`.
+
+    Raises:
+        LinearProbeError: a cache file that is damaged or belongs to other data; the message says how to clear it.
     """
-    key = hashlib.sha256(f"{_CACHE_VERSION}|{_model_fingerprint(model_name, model)}|{clips.fingerprint}".encode())
-    path = Path(cache_dir) / f"{key.hexdigest()[:32]}.npy"
-    if path.is_file():
-        embeddings = np.load(path)
-        if embeddings.shape[0] == len(clips):
-            return embeddings, True
-    embeddings = embed_clips(model, feature_extractor, clips, batch_size=batch_size, device=device, progress=progress)
+    key = f"{_CACHE_VERSION}|{_model_fingerprint(model_name, model)}|{clips.fingerprint}"
+    path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    if path.exists():
+        embeddings, skipped = _read_cache(path, key, len(clips))
+        return embeddings, skipped, True
+    skipped: dict[int, str] = {}
+    embeddings = embed_clips(
+        model, feature_extractor, clips, batch_size=batch_size, device=device, progress=progress, skipped=skipped
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    with partial.open("wb") as handle:
-        np.save(handle, embeddings)
-    os.replace(partial, path)
-    return embeddings, False
+    try:
+        with partial.open("wb") as handle:
+            np.savez(handle, embeddings=embeddings, key=np.array(key), skipped=np.array(json.dumps(skipped)))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return embeddings, skipped, False
+
+
+def _read_cache(path: Path, key: str, num_clips: int) -> tuple[np.ndarray, dict[int, str]]:
+    clear = f"Delete it (rm {path}) to embed the clips again, or pass another --cache-dir."
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            embeddings, stored_key = stored["embeddings"], str(stored["key"])
+            skipped = {int(index): reason for index, reason in json.loads(str(stored["skipped"])).items()}
+    except Exception as error:  # truncated, not a zip, missing arrays, bad JSON: all mean a damaged file
+        raise LinearProbeError(
+            f"The embedding cache {path} is damaged ({type(error).__name__}: {error}). {clear}"
+        ) from error
+    unusable = set(np.flatnonzero(~np.isfinite(embeddings).all(axis=1)).tolist()) if embeddings.ndim == 2 else None
+    if stored_key != key or embeddings.ndim != 2 or len(embeddings) != num_clips or unusable != set(skipped):
+        raise LinearProbeError(
+            f"The embedding cache {path} does not match this model and dataset ({embeddings.shape} embeddings for "
+            f"{num_clips} clips). {clear}"
+        )
+    return embeddings, skipped
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
@@ -547,11 +643,25 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dasheng_hf" / "embeddings"
 
 
-def _check_options(options: ProbeOptions, clips: AudioClips) -> tuple[int, ...]:
+def _check_options(options: ProbeOptions) -> None:
+    """Option values, checked before anything is loaded."""
     if options.mode not in MODE_DEFAULTS:
         raise LinearProbeError(f"--mode must be one of {sorted(MODE_DEFAULTS)}, got {options.mode!r}.")
     if options.knn and options.mode != "probe":
         raise LinearProbeError("--knn evaluates frozen embeddings without training: drop --mode finetune.")
+    positive = {
+        "--embedding-batch-size": options.embedding_batch_size,
+        "--batch-size": options.batch_size,
+        "--k": options.k,
+        "--epochs": None if options.knn else options.epochs,
+        "--learning-rate": None if options.knn else options.learning_rate,
+    }
+    for flag, value in positive.items():
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise LinearProbeError(f"{flag} must be a positive number, got {value}.")
+
+
+def _check_folds(options: ProbeOptions, clips: AudioClips) -> tuple[int, ...]:
     available = sorted({int(fold) for fold in clips.folds})
     folds = tuple(options.folds) if options.folds else tuple(available)
     unknown = sorted(set(folds) - set(available))
@@ -562,10 +672,40 @@ def _check_options(options: ProbeOptions, clips: AudioClips) -> tuple[int, ...]:
     return folds
 
 
+def _writable_folder(path: Path, flag: str) -> Path:
+    """Create `path` (a folder for outputs) now, so that a bad path is reported before any work."""
+    if path.exists() and not path.is_dir():
+        raise LinearProbeError(f"{flag} {path} is a file; pass a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LinearProbeError(f"{flag} {path}: cannot create the folder ({error.strerror}).") from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LinearProbeError(f"{flag} {path}: the folder is not writable.")
+    return path
+
+
+def _usable_clips(clips: AudioClips, progress: bool) -> dict[int, str]:
+    """Decode every clip once (before fine-tuning) and return those that cannot be used, with the reason."""
+    from tqdm.auto import tqdm
+
+    skipped = {}
+    for index in tqdm(range(len(clips)), desc="Checking clips", unit="clip", disable=not progress):
+        try:
+            clips.waveform(index)
+        except DashengAudioError as error:
+            skipped[index] = str(error)
+            logger.warning(f"Skipped {error}")
+    return skipped
+
+
 def run_protocol(options: ProbeOptions) -> dict[str, Any]:
     """
     Run the cross-validation protocol that `options` describe and write `metrics.json`, `predictions.csv` and the
     per-fold training logs to `options.output_dir`.
+
+    Clips that cannot be used (unreadable, empty, non-finite, too short) are skipped, named in a warning and in
+    `metrics.json` (`skipped_clips`), and left out of every fold.
 
     Returns:
         The metrics: `accuracy_mean`, `accuracy_std`, `fold_accuracies` ({fold: accuracy}) and the run's settings
@@ -573,15 +713,19 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
     """
     from accelerate import PartialState
 
-    state = PartialState(cpu=_multi_process_cpu())
     started = time.perf_counter()
+    _check_options(options)
+    output_dir = _writable_folder(Path(options.output_dir).expanduser(), "--output-dir")
+    cache_dir = None
+    if options.mode == "probe":
+        cache_dir = _writable_folder(Path(options.cache_dir or _default_cache_dir()).expanduser(), "--cache-dir")
+    state = PartialState(cpu=_multi_process_cpu())
     clips = load_audio_clips(options.dataset)
-    folds = _check_options(options, clips)
+    folds = _check_folds(options, clips)
     default_epochs, default_learning_rate, default_batch_size = MODE_DEFAULTS[options.mode]
     epochs = options.epochs if options.epochs is not None else default_epochs
     learning_rate = options.learning_rate if options.learning_rate is not None else default_learning_rate
     batch_size = options.batch_size or default_batch_size
-    output_dir = Path(options.output_dir)
     num_labels = len(clips.label_names)
 
     embedding_seconds, from_cache = 0.0, None
@@ -589,25 +733,34 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
         model, feature_extractor = load_encoder(options.model, options.trust_remote_code)
         embed_started = time.perf_counter()
         with state.main_process_first():  # one rank embeds and writes the cache; the others then read it
-            embeddings, from_cache = cached_embeddings(
+            embeddings, skipped, from_cache = cached_embeddings(
                 options.model,
                 model,
                 feature_extractor,
                 clips,
-                options.cache_dir or _default_cache_dir(),
+                cache_dir,
                 batch_size=options.embedding_batch_size,
                 device=state.device,
                 progress=state.is_local_main_process,
             )
         embedding_seconds = time.perf_counter() - embed_started
         del model
+    else:
+        _model_config(options.model)  # a bad --model is reported before the clips are read
+        skipped = _usable_clips(clips, progress=state.is_local_main_process)
+    usable = np.ones(len(clips), dtype=bool)
+    usable[list(skipped)] = False
+    if skipped and state.is_main_process:
+        print(f"Skipped {len(skipped)} of {len(clips)} clips that cannot be used (see metrics.json).", flush=True)
 
     training_started = time.perf_counter()
     accuracies: dict[int, float] = {}
     predictions = np.full(len(clips), -1, dtype=np.int64)
     for fold in folds:
-        test = np.flatnonzero(clips.folds == fold)
-        train = np.flatnonzero(clips.folds != fold)
+        test = np.flatnonzero((clips.folds == fold) & usable)
+        train = np.flatnonzero((clips.folds != fold) & usable)
+        if not len(test) or not len(train):
+            raise LinearProbeError(f"Fold {fold} leaves no usable clips to {'test' if train.size else 'train'} on.")
         fold_dir = output_dir / f"fold{fold}"
         if options.mode == "probe" and options.knn:
             predicted = knn_predict(embeddings[train], clips.labels[train], embeddings[test], k=options.k)
@@ -641,6 +794,8 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
         "model": options.model,
         "dataset": options.dataset,
         "num_clips": len(clips),
+        "num_skipped": len(skipped),
+        "skipped_clips": [{"index": index, "reason": reason} for index, reason in sorted(skipped.items())],
         "num_labels": num_labels,
         "label_names": clips.label_names,
         "epochs": None if options.knn else epochs,
@@ -699,7 +854,7 @@ def _write_results(
     with (output_dir / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "fold", "label", "prediction"])
-        for index in np.flatnonzero(np.isin(clips.folds, folds)):
+        for index in np.flatnonzero(np.isin(clips.folds, folds) & (predictions >= 0)):
             writer.writerow([index, clips.folds[index], clips.labels[index], predictions[index]])
     lines = ["", f"{metrics['method']} on {clips.source} with {metrics['model']}", "fold  accuracy"]
     lines += [f"{fold:>4}  {accuracy:.4f}" for fold, accuracy in metrics["fold_accuracies"].items()]
@@ -763,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--k must be at least 1.")
     try:
         run_protocol(ProbeOptions(**vars(arguments)))
-    except LinearProbeError as error:
+    except (LinearProbeError, DashengAudioError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 

@@ -16,7 +16,6 @@ import csv
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["main", "make_fsdd_esc50"]
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> float:
         clips = load_audio_clips(dataset)
         model, feature_extractor = load_encoder(model_name)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        warm_up = replace(clips, dataset=clips.dataset.select(range(32)), labels=clips.labels[:32])
+        warm_up = clips.subset(range(32))
         embed_clips(model, feature_extractor, warm_up, device=device, progress=False)  # one-time start-up costs
         started = time.perf_counter()
         embed_clips(model, feature_extractor, clips, device=device, progress=False)

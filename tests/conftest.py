@@ -1,4 +1,4 @@
-"""Test setup: offline Hub, import path for `helpers`, small shared fixtures."""
+"""Test setup: offline Hub, import path for `helpers`, hypothesis profiles, small shared fixtures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +16,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dasheng_hf import DashengFeatureExtractor, DashengModel  # noqa: E402
 from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: E402
+
+# Property-based tests: `ci` (the default) keeps all property suites together to about 3 minutes on 2 CPU cores and
+# is derandomized, so CI runs are reproducible; `deep` (`pytest --hypothesis-profile=deep`) tries many more inputs.
+# Neither writes an example database into the working tree. Hypothesis' pytest plugin loads the profile named by
+# `--hypothesis-profile` after this module is imported, so the command-line choice wins.
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "deep",
+    max_examples=1000,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -172,7 +172,7 @@ def test_other_transformers_encoders_use_the_same_protocol(esc50_dir, cache_dir,
     ])  # fmt: skip
     metrics = read_metrics(output)
     assert metrics["model"] == str(folder) and 0.0 <= metrics["accuracy_mean"] <= 1.0
-    widths = {np.load(path, mmap_mode="r").shape for path in cache_dir.glob("*.npy")}
+    widths = {np.load(path)["embeddings"].shape for path in cache_dir.glob("*.npz")}
     assert (200, 32) in widths and (200, 768) in widths  # AST pooler_output next to Dasheng's mean
 
 
@@ -194,7 +194,7 @@ def test_two_processes_under_torchrun(esc50_dir, dasheng_dir, tmp_path):
     assert result.stdout.count("fold  accuracy") == 1  # one table, from the main process
     history = json.loads((output / "fold1" / "log_history.json").read_text())
     assert max(entry["step"] for entry in history) == 20  # the data was split between the processes
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # one rank wrote the cache, no leftovers
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # one rank wrote the cache, no leftovers
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 

@@ -1,0 +1,659 @@
+"""
+Masked-autoencoder pretraining of Dasheng with `Trainer`: the paper's objective and recipe, from one CPU to many GPUs.
+
+    python -m dasheng_hf.pretrain --train_data 'shards/train-{000000..000127}.tar' --config_name dasheng-base \
+        --max_steps 1500000 --per_device_train_batch_size 32 --output_dir runs/dasheng-base
+
+Every `TrainingArguments` flag works (`--under_score` or `--dash-ed`), under `torchrun` / `accelerate launch`, with
+DeepSpeed or FSDP. The data (`--train_data`, `--eval_data`: webdataset shards, a folder, a file list or a `datasets`
+id) is read by `audio_data.py` as sequential crops of `--crop_seconds`; each process and dataloader worker reads its
+own share. Short files are not padded with silence: a batch of crops of different lengths is padded by the feature
+extractor, and its `attention_mask` keeps padded tokens out of the encoder, the decoder and the loss. The encoder is
+exported as a ready-to-use Hub folder under `OUTPUT_DIR/encoder` at the end (and every `--export_every` steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from torch.utils.data import DataLoader
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .audio_data import DashengAudioDataset, DashengAudioError, per_process_dataloader
+from .configuration_dasheng import DashengConfig
+from .feature_extraction_dasheng import DashengFeatureExtractor
+from .modeling_dasheng import DashengModel
+from .modeling_dasheng_pretraining import DashengForPreTraining
+
+__all__ = [
+    "DashengDataArguments",
+    "DashengEncoderExportCallback",
+    "DashengModelArguments",
+    "DashengPretrainer",
+    "DashengPretrainingArguments",
+    "DashengPretrainingCollator",
+    "DashengPretrainingError",
+    "export_encoder",
+    "main",
+    "parse_config_overrides",
+]
+
+logger = logging.getLogger("dasheng_hf.pretrain")  # also under `python -m`, where __name__ is "__main__"
+
+PROG = "dasheng-pretrain"
+_HAS_WARMUP_RATIO = "warmup_ratio" in TrainingArguments.__dataclass_fields__  # Transformers 4.x
+
+
+class DashengPretrainingError(ValueError):
+    """A problem with the command's inputs (flags, model, data); the message says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+@dataclass
+class DashengModelArguments:
+    """Which encoder to start from: a checkpoint to continue, or a fresh one of a released size."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue from this encoder: a Hub id (mispeech/dasheng-base) or a folder, first Hub "
+            "layout included. The decoder starts fresh unless the folder holds one."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from scratch with a released size: dasheng-base, dasheng-0.6B or dasheng-1.2B "
+            "(or a folder / Hub id with a Dasheng config.json)."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config fields to change, e.g. 'hidden_size=64,num_hidden_layers=2,decoder_hidden_size=32'."},
+    )
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of each clip's tokens removed (default: the config's, 0.75)."}
+    )
+
+
+@dataclass
+class DashengDataArguments:
+    """What to train on and how it is cut."""
+
+    train_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Webdataset shards ('shards/train-{000000..000127}.tar'), a folder of audio files, a "
+            "file list (CSV/TSV with a filename column) or a datasets id/path with an audio column."
+        },
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data, in any form --train_data takes."})
+    audio_column: str = field(default="audio", metadata={"help": "Audio column of a datasets source."})
+    crop_seconds: float = field(
+        default=10.0, metadata={"help": "Sequential crops of this length; shorter files become one shorter crop."}
+    )
+    gain_augmentation_db: str | None = field(
+        default=None,
+        metadata={
+            "help": "Random gain per crop, uniform in dB: '6' for -6..6, or 'LOW,HIGH' such as '-6,10'. Off by default."
+        },
+    )
+    shuffle_buffer: int = field(default=256, metadata={"help": "Crops per shuffle buffer (per dataloader worker)."})
+    export_every: int | None = field(
+        default=None, metadata={"help": "Also export OUTPUT_DIR/encoder every N optimizer steps."}
+    )
+
+
+@dataclass
+class DashengPretrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the released models' recipe as defaults (AdamW 8-bit, 3e-4, cosine to 0.1 x lr)."""
+
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (paper: 3e-4)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)."})
+    lr_scheduler_type: str = field(
+        default="cosine_with_min_lr", metadata={"help": "Schedule after warm-up (paper: cosine to 0.1 x lr)."}
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr_rate": 0.1},
+        metadata={"help": "Arguments of the schedule (default '{\"min_lr_rate\": 0.1}')."},
+    )
+    if _HAS_WARMUP_RATIO:
+        warmup_ratio: float = field(default=0.03, metadata={"help": "Warm-up fraction (paper: 3 of 100 epochs)."})
+    else:
+        warmup_steps: float = field(
+            default=0.03, metadata={"help": "Warm-up steps, or a fraction of max_steps below 1 (paper: 0.03)."}
+        )
+    optim: str = field(
+        default="auto",
+        metadata={
+            "help": "Optimizer; 'auto' is adamw_bnb_8bit (as the paper) with bitsandbytes and a GPU, else adamw_torch."
+        },
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on when the GPU supports it."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the audio."})
+    dataloader_pin_memory: bool | None = field(default=None, metadata={"help": "Default: on with a GPU."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every parameter takes part in every step (default False: faster DDP)."}
+    )
+    log_level_replica: str = field(
+        default="error", metadata={"help": "Log level of processes other than the first (default error: no repeats)."}
+    )
+
+    def __post_init__(self):
+        gpu = torch.cuda.is_available()
+        if self.optim == "auto":
+            bitsandbytes = _importable("bitsandbytes")
+            self.optim = "adamw_bnb_8bit" if gpu and bitsandbytes else "adamw_torch"
+            if self.optim != "adamw_bnb_8bit":  # logged once logging is set up (see `run`)
+                self._optim_note = (
+                    f"Using AdamW (adamw_torch) instead of the paper's 8-bit AdamW, which needs "
+                    f"{'bitsandbytes (pip install bitsandbytes)' if gpu else 'a GPU'}."
+                )
+        if self.bf16 is None:
+            self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = gpu
+        if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.use_cpu = True  # several CPU processes: Trainer and accelerate go distributed (gloo) only so
+        super().__post_init__()
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # a broken install (e.g. bitsandbytes without its CUDA library) counts as absent
+        return False
+    return True
+
+
+class _Parser(HfArgumentParser):
+    """Bad flags end the command with one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """
+    Parse `'hidden_size=64,qkv_bias=false,...'` into config keyword arguments, typed like the defaults of
+    [`DashengConfig`]. Unknown fields and unparsable values raise [`DashengPretrainingError`].
+    """
+    if not text:
+        return {}
+    defaults = DashengConfig().to_dict()
+    overrides = {}
+    for item in text.split(","):
+        key, separator, value = (part.strip() for part in item.partition("="))
+        if not separator or not key:
+            raise DashengPretrainingError(f"--config_overrides takes 'name=value,...', got the item {item!r}.")
+        if key not in defaults:
+            raise DashengPretrainingError(
+                f"--config_overrides: DashengConfig has no field {key!r}; fields are {sorted(defaults)}."
+            )
+        overrides[key] = _typed_value(key, value, defaults[key])
+    return overrides
+
+
+def _typed_value(key: str, value: str, default: Any) -> Any:
+    if value.lower() in ("none", "null"):
+        return None
+    if isinstance(default, bool) or value.lower() in ("true", "false"):
+        if value.lower() not in ("true", "false"):
+            raise DashengPretrainingError(f"--config_overrides: {key} takes true or false, got {value!r}.")
+        return value.lower() == "true"
+    kinds = [type(default)] if isinstance(default, (int, float)) else [int, float, str]
+    for kind in kinds:
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    raise DashengPretrainingError(f"--config_overrides: {key} takes a {kinds[0].__name__}, got {value!r}.")
+
+
+def parse_gain(text: str | None) -> tuple[float, float] | None:
+    """`'6'` -> (-6, 6); `'-6,10'` -> (-6, 10); None -> None (no augmentation)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1 and values[0] >= 0:
+        return -values[0], values[0]
+    if len(values) == 2 and values[0] <= values[1]:
+        return values[0], values[1]
+    raise DashengPretrainingError(
+        f"--gain_augmentation_db takes a range in dB: '6' (-6 to 6 dB) or 'LOW,HIGH' such as '-6,10'; got {text!r}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTraining, DashengFeatureExtractor, str]:
+    """The model to pretrain, its feature extractor, and a one-line description of where it came from."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.mask_ratio is not None:
+        if not 0.0 < model_args.mask_ratio < 1.0:
+            raise DashengPretrainingError(
+                f"--mask_ratio must lie strictly between 0 and 1, got {model_args.mask_ratio}."
+            )
+        overrides["mask_ratio"] = model_args.mask_ratio
+    # The original normalises the spectrogram by batch statistics in training (and updates the running ones, which
+    # the exported encoder uses); DashengConfig's inference default is the running statistics alone.
+    overrides.setdefault("use_batch_statistics", True)
+    if model_args.model_name_or_path and model_args.config_name:
+        raise DashengPretrainingError(
+            "Pass either --model_name_or_path (continue from an encoder) or --config_name (start from scratch)."
+        )
+    source = model_args.model_name_or_path
+    if source:
+        path = Path(source).expanduser()
+        name = str(path) if path.exists() else source
+        try:
+            model = DashengForPreTraining.from_pretrained(name, **overrides)
+        except (OSError, ValueError) as error:
+            raise DashengPretrainingError(
+                f"Could not load an encoder from --model_name_or_path {source!r}: {error}".rstrip(".") + ". Pass a "
+                "Hub id such as mispeech/dasheng-base or a folder with config.json and weights."
+            ) from error
+        try:
+            feature_extractor = DashengFeatureExtractor.from_pretrained(name)
+        except OSError:  # the first Hub layout has no preprocessor config
+            feature_extractor = DashengFeatureExtractor.from_dasheng_config(model.config)
+        return model, feature_extractor, f"continued from {source}"
+    preset = model_args.config_name or "dasheng-base"
+    try:
+        if Path(preset).expanduser().is_dir() or "/" in preset:
+            folder = Path(preset).expanduser()
+            config = DashengConfig.from_pretrained(str(folder) if folder.exists() else preset, **overrides)
+        else:
+            config = DashengConfig.from_preset(preset, **overrides)
+    except (OSError, ValueError) as error:
+        raise DashengPretrainingError(f"--config_name {preset!r}: {error}") from error
+    described = f"trained from scratch ({preset}" + (
+        f", {model_args.config_overrides})" if model_args.config_overrides else ")"
+    )
+    return DashengForPreTraining(config), DashengFeatureExtractor.from_dasheng_config(config), described
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DashengPretrainingCollator:
+    """
+    Crops to model inputs: an optional random gain per crop, then log-mel features.
+
+    Items are dicts with `audio`: mono float32 samples at 16 kHz, and optionally `num_samples`, the real length of
+    a zero-padded crop (a file shorter than a crop). Crops are cut to their real length, and the feature extractor
+    pads the batch and returns `attention_mask` `(batch, frames)`, with which the model keeps padding out of
+    attention and the loss (the original instead reconstructs the padding as silence). Returns `input_values`
+    `(batch, 64, frames)` and, when some crop was short, `attention_mask`.
+    """
+
+    feature_extractor: DashengFeatureExtractor
+    gain_db: tuple[float, float] | None = None
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        clips = [
+            torch.as_tensor(np.asarray(item["audio"], dtype=np.float32))[: item.get("num_samples")] for item in items
+        ]
+        if self.gain_db is not None:
+            gains = torch.empty(len(clips)).uniform_(*self.gain_db)
+            clips = [clip * 10.0 ** (gain / 20.0) for clip, gain in zip(clips, gains.tolist())]
+        features = self.feature_extractor(
+            clips,
+            sampling_rate=self.feature_extractor.sampling_rate,
+            return_tensors="pt",
+            return_attention_mask=False,
+        )
+        return dict(features)
+
+
+# -------------------------------------------------------------------------------------------------------- trainer
+
+
+class DashengPretrainer(Trainer):
+    """
+    `Trainer` whose data loaders read each process's own share of the stream (no re-sharding by accelerate), and
+    whose evaluation masks with fixed noise (the same tokens removed at every evaluation), summed over processes.
+    """
+
+    def _loader(self, dataset: DashengAudioDataset, batch_size: int) -> DataLoader:
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+        )
+        return per_process_dataloader(loader, self.args.device)
+
+    def get_train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self._train_batch_size)
+
+    def get_eval_dataloader(self, eval_dataset: DashengAudioDataset | None = None) -> DataLoader:
+        return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset, self.args.eval_batch_size)
+
+    def evaluate(
+        self,
+        eval_dataset: DashengAudioDataset | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix="eval",
+    ) -> dict[str, float]:
+        """Mean loss over the eval crops (`{prefix}_loss`) and their number (`{prefix}_crops`)."""
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        was_training = model.training
+        model.eval()
+        config = self.model.config
+        generator = torch.Generator().manual_seed(self.args.seed)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # loss x crops, crops, skipped files
+        with torch.no_grad():
+            for batch in self.get_eval_dataloader(dataset):
+                batch = self._prepare_inputs(batch)
+                frames = batch["input_values"].shape[-1]
+                tokens = (frames - config.patch_size[1]) // config.patch_stride[1] + 1
+                noise = None
+                if tokens <= config.chunk_num_tokens:
+                    groups = math.ceil(tokens / config.mask_group_size)
+                    noise = torch.rand(len(batch["input_values"]), groups, generator=generator).to(self.args.device)
+                with self.compute_loss_context_manager():
+                    loss = model(**batch, noise=noise).loss
+                count = len(batch["input_values"])
+                totals[:2] += torch.stack([loss.double() * count, totals.new_tensor(count)])
+        totals[2] = dataset.num_skipped
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        model.train(was_training)
+        if totals[1] == 0:
+            raise DashengPretrainingError("The evaluation data yielded no readable audio.")
+        metrics = {
+            f"{metric_key_prefix}_loss": float(totals[0] / totals[1]),
+            f"{metric_key_prefix}_crops": int(totals[1]),
+        }
+        if totals[2]:
+            metrics[f"{metric_key_prefix}_skipped_files"] = int(totals[2])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds `skipped_files`, the unreadable training files skipped so far by all processes, once there are any."""
+        skipped = self.num_skipped_files()
+        if skipped:
+            logs = {**logs, "skipped_files": skipped}
+        super().log(logs, *args, **kwargs)
+
+    def num_skipped_files(self) -> int:
+        """Training files skipped so far, summed over processes (call it on every process)."""
+        count = torch.tensor(float(self.train_dataset.num_skipped), device=self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(count)
+        return int(count)
+
+
+class DashengEncoderExportCallback(TrainerCallback):
+    """Exports the encoder to `OUTPUT_DIR/encoder` every `every` optimizer steps (see [`export_encoder`])."""
+
+    def __init__(self, trainer: DashengPretrainer, every: int, card: dict[str, Any]):
+        self.trainer, self.every, self.card = trainer, every, card
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            export_encoder(self.trainer, Path(args.output_dir) / "encoder", self.card)
+
+
+def _last_logged(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, int | None]:
+    for entry in reversed(log_history):
+        if key in entry:
+            return entry[key], entry.get("step")
+    return None, None
+
+
+def export_encoder(trainer: DashengPretrainer, folder: Path, card: dict[str, Any]) -> None:
+    """
+    Write the trained encoder as a `DashengModel` Hub folder: weights, config, preprocessor config, the code files
+    and a model card. Called on every process (sharded weights are gathered); process 0 writes into a temporary
+    folder beside `folder` and renames it into place, so `folder` is always a complete export.
+    """
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    skipped = trainer.num_skipped_files()
+    if not trainer.is_world_process_zero():
+        return
+    config = copy.deepcopy(trainer.model.config)
+    config.architectures = ["DashengModel"]
+    config.use_batch_statistics = False  # inference and fine-tuning use the running statistics
+    encoder_state = {key: value.detach().cpu() for key, value in state_dict.items() if key.startswith("encoder.")}
+    with torch.device("meta"):
+        encoder = DashengModel(config)
+    encoder.load_state_dict(encoder_state, strict=True, assign=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    try:
+        trainer.processing_class.save_pretrained(partial)
+        encoder.save_pretrained(partial)
+        (partial / "README.md").write_text(_model_card(trainer, {**card, "skipped": skipped}))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    previous = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(partial, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    logger.info(f"Exported the encoder at step {trainer.state.global_step} to {folder}")
+
+
+def _model_card(trainer: DashengPretrainer, card: dict[str, Any]) -> str:
+    state, config = trainer.state, trainer.model.config
+    loss, loss_step = _last_logged(state.log_history, "loss")
+    eval_loss, eval_step = _last_logged(state.log_history, "eval_loss")
+    batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    batch *= trainer.args.world_size
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: feature-extraction",
+        "tags: [audio, dasheng, masked-autoencoder, dasheng_hf]",
+        "---",
+        "",
+        "# Dasheng encoder, pretrained with `dasheng_hf.pretrain`",
+        "",
+        f"A Dasheng audio encoder ({config.hidden_size} hidden, {config.num_hidden_layers} layers, "
+        f"{config.num_attention_heads} heads) {card['init']}, with the masked-autoencoder objective "
+        f"(mask ratio {config.mask_ratio}).",
+        "",
+        f"- Training data: `{card['train_data']}` ({card['crop_seconds']:g} s crops)",
+        f"- Steps: {state.global_step} of {state.max_steps}, {batch} crops per step",
+        f"- Final training loss: {loss:.4f} (logged at step {loss_step})"
+        if loss is not None
+        else "- Final training loss: not logged yet",
+    ]
+    if eval_loss is not None:
+        lines.append(f"- Evaluation loss: {eval_loss:.4f} at step {eval_step} on `{card['eval_data']}`")
+    if card.get("skipped"):
+        lines.append(f"- Unreadable files skipped: {card['skipped']}")
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoFeatureExtractor, AutoModel",
+        "",
+        'feature_extractor = AutoFeatureExtractor.from_pretrained("path/to/encoder", trust_remote_code=True)',
+        'model = AutoModel.from_pretrained("path/to/encoder", trust_remote_code=True)',
+        'inputs = feature_extractor(waveform_16khz, sampling_rate=16000, return_tensors="pt")',
+        "embeddings = model(**inputs).last_hidden_state  # (batch, tokens, hidden): 25 per second",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+
+def _setup_logging(training_args: DashengPretrainingArguments) -> None:
+    """
+    The first process logs at info level; the others only at `--log_level_replica` (default error), except for
+    the files they skip themselves, which only they can report.
+    """
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logging.getLogger("dasheng_hf").setLevel(level)
+    logging.getLogger("dasheng_hf.audio_data").setLevel(min(level, logging.WARNING))
+    note = getattr(training_args, "_optim_note", None)
+    if note and training_args.should_log:
+        logger.warning(note)
+
+
+def _resume_checkpoint(training_args: DashengPretrainingArguments) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `last` (also `true`) for the newest checkpoint in the output folder."""
+    value = training_args.resume_from_checkpoint
+    if value is None:
+        return None
+    if value.lower() in ("last", "latest", "true"):
+        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if checkpoint is None:
+            raise DashengPretrainingError(
+                f"--resume_from_checkpoint {value}: no checkpoint-* folder in {training_args.output_dir}."
+            )
+        return checkpoint
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise DashengPretrainingError(
+            f"--resume_from_checkpoint {value!r} is not a checkpoint folder written by Trainer."
+        )
+    return value
+
+
+def run(
+    model_args: DashengModelArguments, data_args: DashengDataArguments, training_args: DashengPretrainingArguments
+) -> dict[str, Any]:
+    """Pretrain as the arguments say; returns the training metrics (and `eval_loss` with `--eval_data`)."""
+    _setup_logging(training_args)
+    if not data_args.train_data:
+        raise DashengPretrainingError("--train_data is required (shard pattern, folder, file list or datasets id).")
+    if training_args.max_steps <= 0:
+        raise DashengPretrainingError(
+            "--max_steps is required: the data is streamed, so the run length is given in optimizer steps "
+            "(the paper: 1500000 steps of 256 crops)."
+        )
+    if data_args.crop_seconds <= 0.03:
+        raise DashengPretrainingError(f"--crop_seconds must be above 0.03 s (one token), got {data_args.crop_seconds}.")
+    if data_args.export_every is not None and data_args.export_every <= 0:
+        raise DashengPretrainingError(f"--export_every takes a positive number of steps, got {data_args.export_every}.")
+    gain = parse_gain(data_args.gain_augmentation_db)
+    checkpoint = _resume_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    train_dataset = _crop_dataset(data_args.train_data, data_args, training_args.seed, train=True)
+    eval_dataset = None
+    if data_args.eval_data:
+        eval_dataset = _crop_dataset(data_args.eval_data, data_args, training_args.seed, train=False)
+    elif training_args.eval_strategy != "no":
+        raise DashengPretrainingError(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data.")
+
+    model, feature_extractor, init = build_model(model_args)
+    logger.info(f"Pretraining a {model.num_parameters():,}-parameter model, {init}.")
+    trainer = DashengPretrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DashengPretrainingCollator(feature_extractor, gain),
+        processing_class=feature_extractor,
+    )
+    card = {
+        "init": init,
+        "train_data": data_args.train_data,
+        "eval_data": data_args.eval_data,
+        "crop_seconds": data_args.crop_seconds,
+    }
+    if data_args.export_every:
+        trainer.add_callback(DashengEncoderExportCallback(trainer, data_args.export_every, card))
+
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # the whole pretraining model (encoder and decoder), to continue from later
+    metrics = dict(result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    last_eval_step = _last_logged(trainer.state.log_history, "eval_loss")[1]
+    if eval_dataset is not None and last_eval_step != trainer.state.global_step:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+    export_encoder(trainer, Path(training_args.output_dir) / "encoder", card)
+    skipped = trainer.num_skipped_files()
+    if skipped:
+        logger.warning(f"{skipped} unreadable training files were skipped (each named in a warning above).")
+    return metrics
+
+
+def _crop_dataset(source: str, data_args: DashengDataArguments, seed: int, train: bool) -> DashengAudioDataset:
+    """Training crops: shuffled, endless, each process its share; evaluation crops: in order, one pass, split too."""
+    return DashengAudioDataset(
+        source,
+        crop_seconds=data_args.crop_seconds,
+        shuffle=train,
+        shuffle_buffer=data_args.shuffle_buffer,
+        seed=seed,
+        repeat=train,
+        audio_column=data_args.audio_column,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser((DashengModelArguments, DashengDataArguments, DashengPretrainingArguments), prog=PROG)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        else:
+            model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except (ValueError, TypeError, KeyError) as error:  # raised by the arguments' own checks
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        unused = message.partition("not used by the HfArgumentParser: ")[2]
+        parser.error(f"unrecognized arguments {unused} (see {PROG} --help)" if unused else message)
+    try:
+        run(model_args, data_args, training_args)
+    except (DashengPretrainingError, DashengAudioError) as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
