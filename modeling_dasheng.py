@@ -33,7 +33,7 @@ from transformers.pipelines.audio_classification import AudioClassificationPipel
 from transformers.utils import logging
 
 from .configuration_dasheng import DashengConfig, copy_code_files
-from .feature_extraction_dasheng import DashengFeatureExtractor
+from .feature_extraction_dasheng import DashengFeatureExtractor, front_end_mismatches
 
 __all__ = [
     "DashengAudioClassificationPipeline",
@@ -658,6 +658,65 @@ class DashengPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DashengEncoder):
             nn.init.trunc_normal_(module.time_pos_embed, std=std)
             nn.init.trunc_normal_(module.freq_pos_embed, std=std)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, check_front_end: bool = True, **kwargs
+    ):
+        """
+        As `PreTrainedModel.from_pretrained`, then two checks that turn silently wrong outputs into errors: every
+        weight must be finite and BatchNorm variances non-negative (`check_weights`), and the folder's
+        `preprocessor_config.json`, if any, must compute the features the weights were trained on (the front end
+        in the config). Pass `check_front_end=False` to load a model whose feature extractor differs on purpose.
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        model.check_weights()
+        if check_front_end:
+            model._check_front_end(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    def check_weights(self) -> None:
+        """Raise `ValueError` naming the first tensor that holds NaN or infinity, or a negative BatchNorm variance."""
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"Weight {name} holds NaN or infinite values: the checkpoint is damaged or was saved from a "
+                    f"diverged run. Load another checkpoint."
+                )
+            if name.endswith("running_var") and bool((tensor < 0).any()):
+                raise ValueError(
+                    f"BatchNorm statistic {name} holds negative variances: the checkpoint is damaged. Load another "
+                    f"checkpoint."
+                )
+
+    def _check_front_end(self, source: str | os.PathLike, kwargs: dict[str, Any]) -> None:
+        """Refuse a folder whose preprocessor config disagrees with the front end the weights were trained on."""
+        from transformers.utils import cached_file
+
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+        try:
+            path = cached_file(
+                source,
+                "preprocessor_config.json",
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **{key: kwargs[key] for key in hub_keys if key in kwargs},
+            )
+        except OSError:
+            return
+        if path is None:
+            return
+        mismatches = front_end_mismatches(self.config, DashengFeatureExtractor.from_json_file(path))
+        if mismatches:
+            raise ValueError(
+                f"The preprocessor_config.json of {source} computes other features than this model was trained "
+                f"on: {'; '.join(mismatches)}. Fix preprocessor_config.json (DashengFeatureExtractor."
+                f"from_dasheng_config(model.config) writes the right one), or pass check_front_end=False to "
+                f"from_pretrained to load it anyway."
+            )
 
     def num_valid_tokens(self, attention_mask: Any, num_frames: int | None = None) -> torch.Tensor:
         """
