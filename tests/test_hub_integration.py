@@ -22,7 +22,13 @@ from transformers import (
 )
 
 CODE_FILES = {"configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py"}
-FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForAudioClassification", "AutoFeatureExtractor"}
+FULL_AUTO_MAP = {
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForAudioClassification",
+    "AutoModelForPreTraining",
+    "AutoFeatureExtractor",
+}
 
 
 def hub_config(name: str, **encoder_kwargs) -> dict:
