@@ -21,7 +21,12 @@ from transformers import (
     pipeline,
 )
 
-CODE_FILES = {"configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py"}
+CODE_FILES = {
+    "configuration_dasheng.py",
+    "modeling_dasheng.py",
+    "modeling_dasheng_pretraining.py",
+    "feature_extraction_dasheng.py",
+}
 FULL_AUTO_MAP = {
     "AutoConfig",
     "AutoModel",
