@@ -1,17 +1,22 @@
 """PyTorch Dasheng: a masked-autoencoder audio encoder (Interspeech 2024) and its audio classifier.
 
-Where things happen:
-- the spectrogram: `DashengFeatureExtractor` (feature_extraction_dasheng.py); here it is normalised per mel bin
-  (`DashengSpectrogramBatchNorm`) and cut into 40 ms patches (`DashengPatchEmbeddings`);
-- chunks: `DashengEncoder.forward` splits the tokens into chunks of `config.chunk_num_tokens` (252 = 10.08 s) that
-  the blocks see independently, the last one at its own shorter length;
-- attention masking: `DashengEncoder._attention_mask` turns the per-token padding mask into the key mask that
-  `DashengSelfAttention` applies.
+Where things happen, in the order the data flows:
+- the spectrogram: `DashengFeatureExtractor` (feature_extraction_dasheng.py) turns 16 kHz audio into 64-band log-mel
+  frames (10 ms); here they are normalised per mel bin (`DashengSpectrogramBatchNorm`) and cut into 40 ms patches
+  (`DashengPatchEmbeddings`), one token each;
+- chunks: `DashengPackedSequences.split_into_chunks` cuts each clip's real tokens into chunks of
+  `config.chunk_num_tokens` (252 = 10.08 s), the last one at its own length, and packs all chunks of the batch back to
+  back; padding is dropped there, once, and never computed; `unpack` puts the tokens back as `(batch, tokens, hidden)`
+  with zeros at padding;
+- attention: each chunk attends only to itself (`DashengSelfAttention`): equal-length chunks are batched for eager,
+  SDPA and flex attention, FlashAttention gets them all at once through `cu_seqlens`;
+- pooling and heads: `DashengEncoder.forward` averages each clip's real tokens; the heads sit on that mean.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +28,23 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
 from .configuration_dasheng import DashengConfig, copy_code_files
-from .feature_extraction_dasheng import DashengFeatureExtractor
+from .feature_extraction_dasheng import DashengFeatureExtractor, front_end_mismatches
 
 __all__ = [
     "DashengAudioClassificationPipeline",
     "DashengEncoder",
     "DashengForAudioClassification",
+    "DashengLayer",
     "DashengModel",
     "DashengModelOutput",
+    "DashengPackedSequences",
     "DashengPreTrainedModel",
+    "eager_attention_forward",
 ]
 
 logger = logging.get_logger(__name__)
@@ -102,48 +111,272 @@ class DashengPatchEmbeddings(nn.Module):
         return patches.flatten(2).transpose(1, 2).contiguous()
 
 
+class DashengPackedSequences:
+    """
+    The blocks' view of a batch: sequences of real tokens packed back to back along one axis, longest first.
+
+    A sequence is what attention sees on its own: a chunk of one clip (inference), or the kept tokens of a chunk
+    (pretraining). Per-token layers run on the packed `(total_tokens, hidden_size)` tensor, so padding costs nothing;
+    attention runs per run of equal-length sequences (`groups`), or on all of them at once through `cu_seqlens`.
+
+    Args:
+        lengths: Tokens per sequence, non-increasing.
+        clip_index, chunk_index: The clip and chunk of each sequence (where its attention weights are reported).
+        token_index: `(total_tokens,)` flat index `clip * num_tokens + position` of each packed token in the
+            `(batch_size, num_tokens)` source, or None when the packed order is the source's own order.
+        batch_size, num_tokens: Shape of the source.
+        chunk_num_tokens: Longest possible sequence (the attention span).
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        clip_index: list[int],
+        chunk_index: list[int],
+        token_index: torch.Tensor | None,
+        batch_size: int,
+        num_tokens: int,
+        chunk_num_tokens: int,
+    ):
+        self.lengths, self.clip_index, self.chunk_index = lengths, clip_index, chunk_index
+        self.token_index = token_index
+        self.batch_size, self.num_tokens, self.chunk_num_tokens = batch_size, num_tokens, chunk_num_tokens
+        self.total_tokens = sum(lengths)
+        # (first sequence, number of sequences, length) of each run of equal lengths.
+        self.groups: list[tuple[int, int, int]] = []
+        for position, length in enumerate(lengths):
+            if self.groups and self.groups[-1][2] == length:
+                first, count, _ = self.groups[-1]
+                self.groups[-1] = (first, count + 1, length)
+            else:
+                self.groups.append((position, 1, length))
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences: Sequence[tuple[int, int, torch.Tensor]],
+        batch_size: int,
+        num_tokens: int,
+        chunk_num_tokens: int,
+    ) -> DashengPackedSequences:
+        """Pack `(clip, chunk, flat token indices)` per sequence, longest first (stable within a length)."""
+        ordered = sorted(sequences, key=lambda sequence: -len(sequence[2]))
+        return cls(
+            [len(indices) for _, _, indices in ordered],
+            [clip for clip, _, _ in ordered],
+            [chunk for _, chunk, _ in ordered],
+            torch.cat([indices for _, _, indices in ordered]),
+            batch_size,
+            num_tokens,
+            chunk_num_tokens,
+        )
+
+    @classmethod
+    def split_into_chunks(
+        cls, valid_tokens: Sequence[int], num_tokens: int, chunk_num_tokens: int, device: torch.device
+    ) -> DashengPackedSequences:
+        """
+        Chunks of each clip's first `valid_tokens[clip]` tokens: full chunks of `chunk_num_tokens`, the last one at
+        its own length, as the original encodes a clip alone. Tokens past a clip's valid count are never packed.
+        """
+        spans = [
+            (clip, chunk, clip * num_tokens + start, min(chunk_num_tokens, count - start))
+            for clip, count in enumerate(valid_tokens)
+            for chunk, start in enumerate(range(0, count, chunk_num_tokens))
+        ]
+        ordered = sorted(spans, key=lambda span: -span[3])
+        starts = [span[2] for span in ordered]
+        if sum(valid_tokens) == len(valid_tokens) * num_tokens and starts == sorted(starts):
+            # Nothing padded and the chunks already longest first (one clip, or no short last chunk).
+            lengths, clips, chunks = [span[3] for span in ordered], [s[0] for s in ordered], [s[1] for s in ordered]
+            return cls(lengths, clips, chunks, None, len(valid_tokens), num_tokens, chunk_num_tokens)
+        sequences = [
+            (clip, chunk, torch.arange(start, start + length, device=device)) for clip, chunk, start, length in spans
+        ]
+        return cls.from_sequences(sequences, len(valid_tokens), num_tokens, chunk_num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def pack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, num_tokens, hidden)` to the packed real tokens `(total_tokens, hidden)`."""
+        flat = tokens.reshape(self.batch_size * self.num_tokens, tokens.shape[-1])
+        return flat if self.token_index is None else flat.index_select(0, self.token_index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed tokens `(total_tokens, hidden)` back to `(batch_size, num_tokens, hidden)`, zeros elsewhere."""
+        if self.token_index is not None:
+            flat = packed.new_zeros(self.batch_size * self.num_tokens, packed.shape[-1])
+            packed = flat.index_copy(0, self.token_index, packed)
+        return packed.reshape(self.batch_size, self.num_tokens, packed.shape[-1])
+
+    def select(self, first: int, last: int) -> DashengPackedSequences:
+        """Sequences `first:last` in packed order, for a pass of the blocks over part of the batch."""
+        return DashengPackedSequences(
+            self.lengths[first:last],
+            self.clip_index[first:last],
+            self.chunk_index[first:last],
+            None,
+            self.batch_size,
+            self.num_tokens,
+            self.chunk_num_tokens,
+        )
+
+    def cu_seqlens(self, device: torch.device) -> torch.Tensor:
+        """Cumulative lengths `(num_sequences + 1,)` int32, as FlashAttention's variable-length kernels take them."""
+        return F.pad(torch.tensor(self.lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+
+    def sequence_of_tokens(self, device: torch.device) -> torch.Tensor:
+        """`(total_tokens,)` index of the sequence each packed token belongs to."""
+        lengths = torch.tensor(self.lengths, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+
+    def attention_weights_buffer(self, num_heads: int, like: torch.Tensor) -> torch.Tensor:
+        """Zeros `(batch_size, num_chunks, num_heads, chunk, chunk)` to hold one block's attention weights."""
+        num_chunks = -(-self.num_tokens // self.chunk_num_tokens)
+        chunk = self.chunk_num_tokens
+        return like.new_zeros(self.batch_size, num_chunks, num_heads, chunk, chunk)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Softmax attention in plain PyTorch, as in Transformers' attention interface.
+
+    Args:
+        query, key, value: `(sequences, heads, length, head_dim)`.
+        attention_mask: Additive `(sequences, 1, length, length)` float mask, or None (Dasheng never needs one).
+    Returns:
+        The attended values `(sequences, length, heads, head_dim)` and the weights `(sequences, heads, length, length)`.
+    """
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
+    return output.transpose(1, 2).contiguous(), weights
+
+
 class DashengSelfAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection; eager or SDPA by `config._attn_implementation`."""
+    """
+    Multi-head self-attention within each packed sequence, with the original fused `qkv` projection.
+
+    The kernel is `config._attn_implementation` through Transformers' `ALL_ATTENTION_FUNCTIONS` (`eager`, `sdpa`,
+    `flex_attention`, `flash_attention_2/3`, Hub kernels), switchable with `model.set_attn_implementation(...)`.
+    """
 
     def __init__(self, config: DashengConfig):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scale = self.head_dim**-0.5
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.attn_drop = nn.Dropout(config.attention_probs_dropout_prob)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        hidden_states: torch.Tensor,
+        sequences: DashengPackedSequences,
+        attention_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
-            hidden_states: `(sequences, length, hidden_size)`.
-            attention_mask: `(sequences, 1, 1, length)` bool, True for keys that may be attended to.
+            hidden_states: Packed tokens `(total_tokens, hidden_size)`.
+            sequences: How the tokens are packed.
+            attention_weights: If given, a `(batch, chunks, heads, chunk, chunk)` buffer that receives the weights,
+                computed eagerly; the output is computed from the buffer, so gradients reach it.
         Returns:
-            The attended tokens `(sequences, length, hidden_size)` and, if asked, the weights
-            `(sequences, heads, length, length)`.
+            `(total_tokens, hidden_size)`.
         """
-        sequences, length, width = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(sequences, length, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.attn_drop.p if self.training else 0.0
-        weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            scores = (query @ key.transpose(-2, -1)) * self.scale
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            weights = scores.softmax(dim=-1)
-            context = self.attn_drop(weights) @ value
+        qkv = self.qkv(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
+        if attention_weights is not None:
+            context = self._attend_with_weights(qkv, sequences, attention_weights)
+        elif "flash" in self.config._attn_implementation:
+            context = self._attend_variable_length(qkv, sequences)
         else:
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scale
-            )
-        context = context.transpose(1, 2).reshape(sequences, length, width)
-        return self.proj_drop(self.proj(context)), weights if output_attentions else None
+            context = self._attend_by_length(qkv, sequences)
+        return self.proj_drop(self.proj(context.reshape(hidden_states.shape)))
+
+    def _attention_function(self):
+        if self.config._attn_implementation == "eager":
+            return eager_attention_forward
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # Transformers 5
+            return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+    @staticmethod
+    def _split_heads(qkv: torch.Tensor, sequences: int, length: int) -> tuple[torch.Tensor, ...]:
+        """Packed `(sequences * length, 3, heads, head_dim)` to query, key, value `(sequences, heads, length, dim)`."""
+        return qkv.view(sequences, length, *qkv.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend_by_length(self, qkv: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
+        """One batched call per run of equal-length sequences: no padding, no mask."""
+        attention, dropout = self._attention_function(), self.attn_drop.p if self.training else 0.0
+        outputs, offset = [], 0
+        for _, count, length in sequences.groups:
+            query, key, value = self._split_heads(qkv[offset : offset + count * length], count, length)
+            output, _ = attention(self, query, key, value, None, dropout=dropout, scaling=self.scaling)
+            outputs.append(output.reshape(count * length, -1))
+            offset += count * length
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _attend_variable_length(self, qkv: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
+        """All sequences in one FlashAttention call through its variable-length entry (`cu_seqlens`)."""
+        query, key, value = self._split_heads(qkv, 1, qkv.shape[0])
+        cu_seqlens = sequences.cu_seqlens(qkv.device)
+        longest = max(sequences.lengths)
+        output, _ = self._attention_function()(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attn_drop.p if self.training else 0.0,
+            scaling=self.scaling,
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=longest,
+            max_length_k=longest,
+        )
+        return output.reshape(qkv.shape[0], -1)
+
+    def _attend_with_weights(
+        self, qkv: torch.Tensor, sequences: DashengPackedSequences, attention_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Eager attention that writes each sequence's weights to its `(clip, chunk)` slot and reads them back."""
+        offsets, offset = [], 0
+        for first, count, length in sequences.groups:
+            query, key, value = self._split_heads(qkv[offset : offset + count * length], count, length)
+            _, weights = eager_attention_forward(self, query, key, value, None, scaling=self.scaling)
+            clips, chunks = self._slots(sequences, first, count, qkv.device)
+            attention_weights[clips, chunks, :, :length, :length] = weights
+            offsets.append(offset)
+            offset += count * length
+        outputs = []
+        for (first, count, length), offset in zip(sequences.groups, offsets):
+            _, _, value = self._split_heads(qkv[offset : offset + count * length], count, length)
+            clips, chunks = self._slots(sequences, first, count, qkv.device)
+            weights = self.attn_drop(attention_weights[clips, chunks, :, :length, :length])
+            outputs.append(torch.matmul(weights, value).transpose(1, 2).reshape(count * length, -1))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    @staticmethod
+    def _slots(sequences: DashengPackedSequences, first: int, count: int, device: torch.device):
+        clips = torch.tensor(sequences.clip_index[first : first + count], device=device)
+        chunks = torch.tensor(sequences.chunk_index[first : first + count], device=device)
+        return clips, chunks
 
 
 class DashengMLP(nn.Module):
@@ -161,25 +394,25 @@ class DashengMLP(nn.Module):
 
 
 class DashengDropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch of a sequence with probability `drop_prob` in training."""
+    """Stochastic depth: drops the residual branch of a whole sequence with probability `drop_prob` in training."""
 
     def __init__(self, drop_prob: float):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
         if self.drop_prob == 0.0 or not self.training:
             return hidden_states
         keep = 1.0 - self.drop_prob
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-        return hidden_states * hidden_states.new_empty(shape).bernoulli_(keep) / keep
+        kept_sequences = hidden_states.new_empty(len(sequences)).bernoulli_(keep)
+        return hidden_states * (kept_sequences[sequences.sequence_of_tokens(hidden_states.device)] / keep)[:, None]
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
 
 
 class DashengLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block on packed tokens: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, config: DashengConfig, drop_path: float = 0.0):
         super().__init__()
@@ -190,18 +423,52 @@ class DashengLayer(GradientCheckpointingLayer):
         self.drop_path = DashengDropPath(drop_path)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attn(self.norm1(hidden_states), attention_mask, output_attentions)
-        hidden_states = hidden_states + self.drop_path(attended)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states, weights
+        self,
+        hidden_states: torch.Tensor,
+        sequences: DashengPackedSequences,
+        attention_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`(total_tokens, hidden_size)` to `(total_tokens, hidden_size)`; see `DashengSelfAttention.forward`."""
+        attended = self.attn(self.norm1(hidden_states), sequences, attention_weights)
+        hidden_states = hidden_states + self.drop_path(attended, sequences)
+        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)), sequences)
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    sequences: DashengPackedSequences,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    """
+    Packed tokens `(total_tokens, hidden)` through `blocks` (encoder or decoder).
+
+    Returns the output, the per-layer states (input and each block's output, as `(batch, tokens, hidden)`) and the
+    attention weights when asked. The returned states and weights are the tensors the next block reads, so gradients
+    reach them (`retain_grad()` works).
+    """
+    states = [] if output_hidden_states else None
+    weights = []
+    for block in blocks:
+        if states is not None:
+            states.append(sequences.unpack(hidden_states))
+            hidden_states = sequences.pack(states[-1])
+        buffer = None
+        if output_attentions:
+            buffer = sequences.attention_weights_buffer(block.attn.num_heads, hidden_states)
+            weights.append(buffer)
+        hidden_states = block(hidden_states, sequences, buffer)
+    if states is not None:
+        states.append(sequences.unpack(hidden_states))
+        hidden_states = sequences.pack(states[-1])
+    return hidden_states, None if states is None else tuple(states), tuple(weights) if output_attentions else None
 
 
 class DashengEncoder(nn.Module):
     """
     The original Dasheng encoder, with its parameter names: spectrogram BatchNorm (`init_bn`), patch embedding,
-    time and frequency position embeddings, transformer `blocks` and the final `norm`.
+    time and frequency position embeddings, transformer `blocks` and the final `norm`; plus masked mean pooling.
     """
 
     def __init__(self, config: DashengConfig):
@@ -231,141 +498,120 @@ class DashengEncoder(nn.Module):
     def forward(
         self,
         input_values: torch.Tensor,
-        token_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    ) -> BaseModelOutputWithPooling:
         """
         Args:
             input_values: Log-mel spectrogram `(batch, mel bins, frames)`.
-            token_mask: `(batch, num_tokens)` bool, True for tokens of real audio; None if nothing is padded.
+            attention_mask: `(batch, frames)`, 1 for real frames then 0 for padding; None if nothing is padded.
         Returns:
-            `(last_hidden_state, hidden_states, attentions)`: `(batch, num_tokens, hidden_size)` after the final
-            LayerNorm with padded tokens zeroed; per-layer tuples when asked for, else None.
+            `last_hidden_state` `(batch, num_tokens, hidden_size)` after the final LayerNorm, zeros at padding;
+            `pooler_output` `(batch, hidden_size)`, the mean of each clip's real tokens; per-layer `hidden_states`
+            and `attentions` when asked, else None.
         """
+        input_values, attention_mask = self.check_inputs(input_values, attention_mask)
         tokens = self.pos_drop(self.embed(input_values))
-        if token_mask is not None:
-            tokens = torch.where(token_mask[..., None], tokens, 0.0)
-        batch, num_tokens, width = tokens.shape
-        chunk = self.chunk_num_tokens
-        num_full = num_tokens // chunk
-        tail = num_tokens - num_full * chunk
-        # Chunks: all full ones stacked as sequences of `chunk` tokens, then the tail chunk at its own length.
-        groups = []
-        if num_full:
-            full = tokens[:, : num_full * chunk].reshape(batch * num_full, chunk, width)
-            full_mask = None if token_mask is None else token_mask[:, : num_full * chunk].reshape(-1, chunk)
-            groups.append((full, full_mask))
-        if tail:
-            groups.append((tokens[:, num_full * chunk :], None if token_mask is None else token_mask[:, -tail:]))
-        results = [self._run_blocks(x, mask, output_attentions, output_hidden_states) for x, mask in groups]
-
-        def merge(per_group: list[torch.Tensor]) -> torch.Tensor:
-            parts = [part.reshape(batch, -1, width) for part in per_group]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-        last_hidden_state = merge([result[0] for result in results])
-        hidden_states = attentions = None
-        if output_hidden_states:
-            hidden_states = tuple(merge(layer) for layer in zip(*(result[1] for result in results)))
-        if output_attentions:
-            attentions = tuple(
-                self._merge_attentions(layer, batch) for layer in zip(*(result[2] for result in results))
+        batch, num_tokens, _ = tokens.shape
+        valid_tokens = (
+            [num_tokens] * batch if attention_mask is None else self.num_valid_tokens(attention_mask).tolist()
+        )
+        sequences = DashengPackedSequences.split_into_chunks(
+            valid_tokens, num_tokens, self.chunk_num_tokens, tokens.device
+        )
+        hidden_states = sequences.pack(tokens)
+        step = max(1, self.config.max_chunks_per_pass)
+        if torch.is_grad_enabled() or output_attentions or output_hidden_states or len(sequences) <= step:
+            hidden_states, all_states, all_weights = run_blocks(
+                self.blocks, hidden_states, sequences, output_attentions, output_hidden_states
             )
-        if token_mask is not None:
-            keep = token_mask[..., None]
-            last_hidden_state = torch.where(keep, last_hidden_state, 0.0)
-            if hidden_states is not None:
-                hidden_states = tuple(torch.where(keep, state, 0.0) for state in hidden_states)
-            if attentions is not None:
-                query_keep = self._chunked_token_mask(token_mask, batch)[:, :, None, :, None]
-                attentions = tuple(torch.where(query_keep, weights, 0.0) for weights in attentions)
-        return last_hidden_state, hidden_states, attentions
-
-    @staticmethod
-    def _attention_mask(token_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """
-        Key mask `(sequences, 1, 1, length)` from a token mask `(sequences, length)`; None when nothing is padded.
-
-        A sequence without any real token (a chunk of pure padding) may attend to all of its tokens: its outputs
-        are discarded, and this keeps them and their gradients finite.
-        """
-        if token_mask is None or bool(token_mask.all()):
-            return None
-        key_mask = token_mask | ~token_mask.any(dim=-1, keepdim=True)
-        return key_mask[:, None, None, :]
-
-    def _run_blocks(
-        self,
-        hidden_states: torch.Tensor,
-        token_mask: torch.Tensor | None,
-        output_attentions: bool,
-        output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Blocks and final norm over sequences of equal length `(sequences, length, hidden_size)`."""
-        sequences = hidden_states.shape[0]
-        step = sequences if torch.is_grad_enabled() else max(1, self.config.max_chunks_per_pass)
-        if step >= sequences:
-            return self._blocks_pass(hidden_states, token_mask, output_attentions, output_hidden_states)
-        # Without gradients, sequences go through in slices to bound the memory of hours-long inputs; each slice's
-        # output replaces its input (the encoder's own tensor) unless the inputs are returned as hidden states.
-        output = None
-        all_states, all_weights = [], []
-        for start in range(0, sequences, step):
-            normed, states, weights = self._blocks_pass(
-                hidden_states[start : start + step],
-                None if token_mask is None else token_mask[start : start + step],
-                output_attentions,
-                output_hidden_states,
+            hidden_states = self.norm(hidden_states)
+        else:
+            hidden_states, all_states, all_weights = (
+                self._run_blocks_in_slices(hidden_states, sequences, step),
+                None,
+                None,
             )
+        last_hidden_state = sequences.unpack(hidden_states)
+        if sequences.token_index is None:
+            pooled = last_hidden_state.mean(dim=1)
+        else:
+            counts = torch.tensor(valid_tokens, device=last_hidden_state.device, dtype=last_hidden_state.dtype)
+            pooled = last_hidden_state.sum(dim=1) / counts[:, None]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states, attentions=all_weights
+        )
+
+    def _run_blocks_in_slices(self, packed: torch.Tensor, sequences: DashengPackedSequences, step: int) -> torch.Tensor:
+        """
+        Without gradients, `step` sequences at a time through all blocks and the final norm, which bounds memory for
+        hours-long inputs; each slice's output overwrites its input.
+        """
+        output, offset = None, 0
+        for first in range(0, len(sequences), step):
+            part = sequences.select(first, first + step)
+            end = offset + part.total_tokens
+            normed = self.norm(run_blocks(self.blocks, packed[offset:end], part)[0])
             if output is None:
-                reuse = not output_hidden_states and normed.dtype == hidden_states.dtype
-                output = hidden_states if reuse else normed.new_empty(hidden_states.shape)
-            output[start : start + step] = normed
-            all_states.append(states)
-            all_weights.append(weights)
-        # Per layer, the slices put back together.
-        return (
-            output,
-            [torch.cat(layer) for layer in zip(*all_states)],
-            [torch.cat(layer) for layer in zip(*all_weights)],
-        )
+                output = packed if normed.dtype == packed.dtype else normed.new_empty(packed.shape)
+            output[offset:end] = normed
+            offset = end
+        return output
 
-    def _blocks_pass(
-        self,
-        hidden_states: torch.Tensor,
-        token_mask: torch.Tensor | None,
-        output_attentions: bool,
-        output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """One pass through all blocks: `(normed output, per-layer states if asked, per-layer weights if asked)`."""
-        mask = self._attention_mask(token_mask)
-        layer_states, layer_weights = [hidden_states], []
-        for block in self.blocks:
-            hidden_states, weights = block(hidden_states, mask, output_attentions)
-            layer_states.append(hidden_states)
-            layer_weights.append(weights)
-        return (
-            self.norm(hidden_states),
-            layer_states if output_hidden_states else [],
-            layer_weights if output_attentions else [],
-        )
+    def num_valid_tokens(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch,)` int64 tokens of real audio per clip: token i is valid iff its last frame `4 * i + 3` is real."""
+        width, stride = self.config.patch_size[1], self.config.patch_stride[1]
+        frames = attention_mask.sum(dim=-1, dtype=torch.long)
+        return torch.div(frames - width, stride, rounding_mode="floor").clamp(min=-1) + 1
 
-    def _merge_attentions(self, per_group: tuple[torch.Tensor, ...], batch: int) -> torch.Tensor:
-        """Attention weights of the chunk groups as `(batch, chunks, heads, chunk, chunk)`, the tail zero-padded."""
-        chunk = self.chunk_num_tokens
-        parts = []
-        for weights in per_group:
-            length = weights.shape[-1]
-            weights = F.pad(weights, (0, chunk - length, 0, chunk - length))
-            parts.append(weights.reshape(batch, -1, *weights.shape[1:]))
-        return torch.cat(parts, dim=1)
-
-    def _chunked_token_mask(self, token_mask: torch.Tensor, batch: int) -> torch.Tensor:
-        """Token mask `(batch, num_tokens)` as `(batch, chunks, chunk)`, the tail padded with False."""
-        chunk = self.chunk_num_tokens
-        padded = F.pad(token_mask, (0, -token_mask.shape[1] % chunk), value=False)
-        return padded.reshape(batch, -1, chunk)
+    def check_inputs(self, input_values: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Refuse what would give wrong or cryptic results; arrays and lists become tensors."""
+        mel_bins, width = self.config.num_mel_bins, self.config.patch_size[1]
+        device = self.norm.weight.device
+        if not isinstance(input_values, torch.Tensor) and hasattr(input_values, "__array__"):
+            input_values = torch.as_tensor(input_values, dtype=torch.float32, device=device)
+        if not isinstance(input_values, torch.Tensor) or input_values.ndim != 3 or input_values.shape[1] != mel_bins:
+            shape = tuple(input_values.shape) if hasattr(input_values, "shape") else type(input_values).__name__
+            hint = "Compute them with DashengFeatureExtractor(..., return_tensors='pt')."
+            if hasattr(input_values, "ndim") and input_values.ndim <= 2:
+                hint = "This looks like a waveform: run it through DashengFeatureExtractor first."
+            elif hasattr(input_values, "ndim") and input_values.ndim == 3 and input_values.shape[2] == mel_bins:
+                hint = "The last two axes look swapped: pass (batch, mel bins, frames)."
+            raise ValueError(
+                f"input_values must be log-mel features of shape (batch, {mel_bins}, frames), got {shape}. {hint}"
+            )
+        if input_values.shape[0] == 0:
+            raise ValueError("input_values is an empty batch (batch size 0): pass at least one clip.")
+        if not input_values.is_floating_point():
+            raise ValueError(f"input_values must be floating point log-mel features, got {input_values.dtype}.")
+        if input_values.shape[-1] < width:
+            raise ValueError(
+                f"input_values has {input_values.shape[-1]} frames; Dasheng needs at least {width} "
+                f"(480 samples at 16 kHz)."
+            )
+        if attention_mask is None:
+            return input_values, None
+        attention_mask = torch.as_tensor(attention_mask, device=input_values.device)
+        if attention_mask.shape != (input_values.shape[0], input_values.shape[-1]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_values {tuple(input_values.shape)} "
+                f"needs one of shape {(input_values.shape[0], input_values.shape[-1])} (batch, frames): pass the mask "
+                f"the feature extractor returned with these features."
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(
+                "attention_mask must hold only 0 and 1 (1 = real frame, 0 = padding), in any dtype; got other values."
+            )
+        mask = attention_mask.to(torch.long)
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError(
+                "attention_mask must hold 1 for real frames followed by 0 for padding (right padding), as "
+                "DashengFeatureExtractor returns it."
+            )
+        if bool((mask.sum(dim=-1) < width).any()):
+            raise ValueError(f"Every clip needs at least {width} real frames in attention_mask (480 samples).")
+        return input_values, mask
 
 
 class DashengClassificationHead(nn.Sequential):
@@ -381,10 +627,13 @@ class DashengPreTrainedModel(PreTrainedModel):
     """Weight initialisation, saving and the helpers shared by the Dasheng models."""
 
     config_class = DashengConfig
-    base_model_prefix = "dasheng"
+    base_model_prefix = "encoder"
     main_input_name = "input_values"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["DashengLayer"]
     _keep_in_fp32_modules = ["init_bn"]
 
@@ -410,7 +659,66 @@ class DashengPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.time_pos_embed, std=std)
             nn.init.trunc_normal_(module.freq_pos_embed, std=std)
 
-    def num_valid_tokens(self, attention_mask: torch.Tensor | None, num_frames: int | None = None) -> torch.Tensor:
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, check_front_end: bool = True, **kwargs
+    ):
+        """
+        As `PreTrainedModel.from_pretrained`, then two checks that turn silently wrong outputs into errors: every
+        weight must be finite and BatchNorm variances non-negative (`check_weights`), and the folder's
+        `preprocessor_config.json`, if any, must compute the features the weights were trained on (the front end
+        in the config). Pass `check_front_end=False` to load a model whose feature extractor differs on purpose.
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        model.check_weights()
+        if check_front_end:
+            model._check_front_end(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    def check_weights(self) -> None:
+        """Raise `ValueError` naming the first tensor that holds NaN or infinity, or a negative BatchNorm variance."""
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"Weight {name} holds NaN or infinite values: the checkpoint is damaged or was saved from a "
+                    f"diverged run. Load another checkpoint."
+                )
+            if name.endswith("running_var") and bool((tensor < 0).any()):
+                raise ValueError(
+                    f"BatchNorm statistic {name} holds negative variances: the checkpoint is damaged. Load another "
+                    f"checkpoint."
+                )
+
+    def _check_front_end(self, source: str | os.PathLike, kwargs: dict[str, Any]) -> None:
+        """Refuse a folder whose preprocessor config disagrees with the front end the weights were trained on."""
+        from transformers.utils import cached_file
+
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+        try:
+            path = cached_file(
+                source,
+                "preprocessor_config.json",
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **{key: kwargs[key] for key in hub_keys if key in kwargs},
+            )
+        except OSError:
+            return
+        if path is None:
+            return
+        mismatches = front_end_mismatches(self.config, DashengFeatureExtractor.from_json_file(path))
+        if mismatches:
+            raise ValueError(
+                f"The preprocessor_config.json of {source} computes other features than this model was trained "
+                f"on: {'; '.join(mismatches)}. Fix preprocessor_config.json (DashengFeatureExtractor."
+                f"from_dasheng_config(model.config) writes the right one), or pass check_front_end=False to "
+                f"from_pretrained to load it anyway."
+            )
+
+    def num_valid_tokens(self, attention_mask: Any, num_frames: int | None = None) -> torch.Tensor:
         """
         Number of tokens (40 ms each) that cover real audio in each clip.
 
@@ -423,75 +731,8 @@ class DashengPreTrainedModel(PreTrainedModel):
         if attention_mask is None:
             if num_frames is None:
                 raise ValueError("Pass an attention_mask or num_frames.")
-            frames = torch.tensor([num_frames])
-        else:
-            frames = attention_mask.sum(dim=-1)
-        return self._frames_to_tokens(frames)
-
-    def _frames_to_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """Tokens fully covered by `frames` frames: (frames - 4) // 4 + 1 at the defaults, at least 0."""
-        width, stride = self.config.patch_size[1], self.config.patch_stride[1]
-        return torch.div(frames - width, stride, rounding_mode="floor").clamp(min=-1) + 1
-
-    def _encode(
-        self,
-        input_values: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        output_attentions: bool,
-        output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple | None, tuple | None]:
-        """Validate the inputs, run the encoder and pool: `(last_hidden_state, pooled, hidden_states, attentions)`."""
-        self._check_inputs(input_values, attention_mask)
-        token_mask = None
-        if attention_mask is not None:
-            num_tokens = int(self._frames_to_tokens(torch.tensor(input_values.shape[-1])))
-            valid = self.num_valid_tokens(attention_mask)
-            token_mask = torch.arange(num_tokens, device=valid.device)[None, :] < valid[:, None]
-            if bool(token_mask.all()):
-                token_mask = None
-        last_hidden_state, hidden_states, attentions = self.encoder(
-            input_values, token_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-        )
-        if token_mask is None:
-            pooled = last_hidden_state.mean(dim=1)
-        else:
-            count = token_mask.sum(dim=1, keepdim=True).to(last_hidden_state.dtype)
-            pooled = last_hidden_state.sum(dim=1) / count
-        return last_hidden_state, pooled, hidden_states, attentions
-
-    def _check_inputs(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        mel_bins, width = self.config.num_mel_bins, self.config.patch_size[1]
-        if not isinstance(input_values, torch.Tensor) or input_values.ndim != 3 or input_values.shape[1] != mel_bins:
-            shape = tuple(input_values.shape) if hasattr(input_values, "shape") else type(input_values).__name__
-            hint = "Compute them with DashengFeatureExtractor."
-            if hasattr(input_values, "ndim") and input_values.ndim <= 2:
-                hint = "This looks like a waveform: run it through DashengFeatureExtractor first."
-            elif hasattr(input_values, "ndim") and input_values.ndim == 3 and input_values.shape[2] == mel_bins:
-                hint = "The last two axes look swapped: pass (batch, mel bins, frames)."
-            raise ValueError(
-                f"input_values must be log-mel features of shape (batch, {mel_bins}, frames), got {shape}. {hint}"
-            )
-        if input_values.shape[-1] < width:
-            raise ValueError(
-                f"input_values has {input_values.shape[-1]} frames; Dasheng needs at least {width} "
-                f"(480 samples at 16 kHz)."
-            )
-        if attention_mask is None:
-            return
-        if attention_mask.shape != (input_values.shape[0], input_values.shape[-1]):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_values {tuple(input_values.shape)} "
-                f"needs one of shape {(input_values.shape[0], input_values.shape[-1])} (batch, frames): pass the mask "
-                f"the feature extractor returned with these features."
-            )
-        mask = attention_mask.long()
-        if bool(((mask != 0) & (mask != 1)).any()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise ValueError(
-                "attention_mask must hold 1 for real frames followed by 0 for padding (right padding), as "
-                "DashengFeatureExtractor returns it."
-            )
-        if bool((mask.sum(dim=-1) < width).any()):
-            raise ValueError(f"Every clip needs at least {width} real frames in attention_mask (480 samples).")
+            attention_mask = torch.ones(1, num_frames, dtype=torch.long)
+        return self.encoder.num_valid_tokens(torch.as_tensor(attention_mask))
 
     def freeze_encoder(self) -> None:
         """Stop gradients to the whole encoder (for linear probing); the head, if any, stays trainable."""
@@ -515,8 +756,8 @@ class DashengPreTrainedModel(PreTrainedModel):
         self, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True, **kwargs: Any
     ) -> None:
         """
-        Save weights and config, plus the three code files and a `preprocessor_config.json` if none is there, so
-        the folder loads with every Auto class and `trust_remote_code=True`. `push_to_hub=True` uploads all of it.
+        Save weights and config, plus the code files and a `preprocessor_config.json` if none is there, so the
+        folder loads with every Auto class and `trust_remote_code=True`. `push_to_hub=True` uploads all of it.
         """
         push_to_hub = kwargs.pop("push_to_hub", False)
         hub_keys = ("repo_id", "commit_message", "private", "token", "create_pr", "revision", "commit_description")
@@ -541,8 +782,8 @@ class DashengModel(DashengPreTrainedModel):
 
     def __init__(self, config: DashengConfig):
         super().__init__(config)
-        self.encoder = DashengEncoder(config)
-        self.outputlayer = DashengClassificationHead(config, config.outputdim) if config.outputdim else None
+        self.encoder = DashengEncoder(self.config)
+        self.outputlayer = DashengClassificationHead(self.config, config.outputdim) if config.outputdim else None
         self.post_init()
 
     def forward(
@@ -565,47 +806,47 @@ class DashengModel(DashengPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        last_hidden_state, pooled, hidden_states, attentions = self._encode(
-            input_values, attention_mask, output_attentions, output_hidden_states
-        )
-        logits = pooled if self.outputlayer is None else self.outputlayer(pooled)
+        encoded = self.encoder(input_values, attention_mask, output_attentions, output_hidden_states)
+        logits = encoded.pooler_output if self.outputlayer is None else self.outputlayer(encoded.pooler_output)
         loss = None
         if labels is not None:
             if self.outputlayer is None:
                 raise ValueError("labels need a head: load the model with `outputdim=NUM_CLASSES`.")
             loss = self._head_loss(logits, labels)
         output = DashengModelOutput(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooled,
-            hidden_states=hidden_states if output_hidden_states else last_hidden_state,
-            attentions=attentions,
+            last_hidden_state=encoded.last_hidden_state,
+            pooler_output=encoded.pooler_output,
+            # The first port's contract: `hidden_states` is the last hidden state unless all of them are asked for.
+            hidden_states=encoded.hidden_states if output_hidden_states else encoded.last_hidden_state,
+            attentions=encoded.attentions,
             logits=logits,
             loss=loss,
         )
         return output if return_dict else output.to_tuple()
 
-    def _head_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.to(logits.device)
+    def _head_loss(self, logits: torch.Tensor, labels: Any) -> torch.Tensor:
+        """`config.loss` of the head's logits: `BCELoss` (on their sigmoid, computed stably) or `CrossEntropyLoss`."""
+        labels = torch.as_tensor(labels, device=logits.device)
         if self.config.loss == "CrossEntropyLoss":
-            if labels.ndim == 1:
-                return F.cross_entropy(logits.float(), labels.long())
-            return F.cross_entropy(logits.float(), labels.float())
+            target = labels.long() if not labels.is_floating_point() else labels.float()
+            return F.cross_entropy(logits.float(), target)
         if self.config.loss != "BCELoss":
             raise ValueError(f"config.loss must be 'BCELoss' or 'CrossEntropyLoss', got {self.config.loss!r}.")
-        if labels.ndim == 1:  # class indices with a multi-label loss: one-hot targets
+        if labels.ndim == 1 and not labels.is_floating_point():  # class indices with a multi-label loss: one-hot
             labels = F.one_hot(labels.long(), logits.shape[-1])
-        # BCELoss on sigmoid(logits), computed stably from the logits.
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
 class DashengForAudioClassification(DashengPreTrainedModel):
     """Dasheng encoder, masked mean pooling and a LayerNorm + Linear head (`outputlayer`) with `num_labels` outputs."""
 
+    loss_type = "ForSequenceClassification"
+
     def __init__(self, config: DashengConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.encoder = DashengEncoder(config)
-        self.outputlayer = DashengClassificationHead(config, config.num_labels)
+        self.encoder = DashengEncoder(self.config)
+        self.outputlayer = DashengClassificationHead(self.config, config.num_labels)
         self.post_init()
 
     def forward(
@@ -631,28 +872,19 @@ class DashengForAudioClassification(DashengPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        _, pooled, hidden_states, attentions = self._encode(
-            input_values, attention_mask, output_attentions, output_hidden_states
+        encoded = self.encoder(input_values, attention_mask, output_attentions, output_hidden_states)
+        logits = self.outputlayer(encoded.pooler_output)
+        loss = None
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=logits.device)
+            if not labels.is_floating_point():  # class indices (int32 too) or multi-hot targets
+                multi_label = self.config.problem_type == "multi_label_classification"
+                labels = labels.float() if multi_label else labels.long()
+            loss = self.loss_function(labels=labels, pooled_logits=logits.float(), config=self.config)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
-        logits = self.outputlayer(pooled)
-        loss = None if labels is None else self._classification_loss(logits, labels)
-        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
         return output if return_dict else output.to_tuple()
-
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = labels.to(logits.device)
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
-        if self.config.problem_type == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
 class DashengAudioClassificationPipeline(AudioClassificationPipeline):

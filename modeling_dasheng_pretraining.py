@@ -21,7 +21,7 @@ from torch import nn
 from transformers.utils import ModelOutput, logging
 
 from .configuration_dasheng import DashengConfig
-from .modeling_dasheng import DashengEncoder, DashengLayer, DashengPreTrainedModel
+from .modeling_dasheng import DashengEncoder, DashengLayer, DashengPackedSequences, DashengPreTrainedModel, run_blocks
 
 __all__ = ["DashengDecoder", "DashengForPreTraining", "DashengForPreTrainingOutput", "DashengGroupMasking"]
 
@@ -233,7 +233,7 @@ class DashengForPreTraining(DashengPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_inputs(input_values, attention_mask)
+        input_values, attention_mask = self.encoder.check_inputs(input_values, attention_mask)
         tokens = self.encoder.embed(input_values)
         batch, num_tokens, width = tokens.shape
         if attention_mask is None:
@@ -331,32 +331,22 @@ class DashengForPreTraining(DashengPreTrainedModel):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """
-        Every transformer block of this model runs here: `blocks` then `norm` over right-padded sequences.
+        Every transformer block of this model runs here: `blocks` then `norm` over the real tokens only, packed.
 
         Args:
             hidden_states: `(sequences, length, width)`; the first `lengths[i]` tokens of sequence i are real.
-            lengths: `(sequences,)`, each at least 1. Padded tokens are never attended to.
+            lengths: `(sequences,)`, each at least 1. Padded tokens are never computed nor attended to.
         Returns:
-            `(normed output, per-layer states if asked, per-layer attention weights if asked)`, padded tokens zeroed.
+            `(normed output, per-layer states if asked, per-layer attention weights if asked)`, padded tokens zeroed;
+            states are `(sequences, length, width)`, weights `(sequences, heads, length, length)`.
         """
         length = hidden_states.shape[1]
-        real = torch.arange(length, device=hidden_states.device)[None, :] < lengths[:, None]
-        padded = not bool(real.all())
-        attention_mask = real[:, None, None, :] if padded else None
-        states, weights = [hidden_states], []
-        for block in blocks:
-            hidden_states, layer_weights = block(hidden_states, attention_mask, output_attentions)
-            states.append(hidden_states)
-            weights.append(layer_weights)
-        hidden_states = norm(hidden_states)
-        if padded:
-            hidden_states = torch.where(real[..., None], hidden_states, 0.0)
-            states = [torch.where(real[..., None], state, 0.0) for state in states]
-        return (
-            hidden_states,
-            tuple(states) if output_hidden_states else None,
-            tuple(weights) if output_attentions else None,
+        packing = DashengPackedSequences.split_into_chunks(lengths.tolist(), length, length, hidden_states.device)
+        packed, states, weights = run_blocks(
+            blocks, packing.pack(hidden_states), packing, output_attentions, output_hidden_states
         )
+        hidden_states = packing.unpack(norm(packed))
+        return hidden_states, states, None if weights is None else tuple(layer[:, 0] for layer in weights)
 
     def _reconstruction_loss(
         self, input_values: torch.Tensor, logits: torch.Tensor, removed: torch.Tensor

@@ -1,21 +1,27 @@
 """Speed and memory of DashengModel next to the original dasheng==0.0.9, measured side by side in one run.
 
 Prints audio-seconds encoded per second of wall time (features included) for both implementations on the same
-weights and inputs, the bf16-autocast speed-up over fp32 with the pooled-embedding cosine similarity, and the peak
-memory of encoding one hour of audio with dasheng-base on the CPU (in a fresh process).
+weights and inputs, the bf16-autocast speed-up over fp32 with the pooled-embedding cosine similarity, the cost of
+padded batches of mixed lengths (batch time over the summed time of its clips one at a time) for this code and for
+the padded implementation it replaced (loaded from git revision `--before-rev`), and the peak memory of encoding one
+hour of audio with dasheng-base on the CPU (in a fresh process).
 
-    python benchmarks/model_speed.py [--size base] [--repeats 3] [--skip-hour]
+    python benchmarks/model_speed.py [--size base] [--repeats 3] [--skip-hour] [--before-rev 4d692a8]
 
-Targets (issue 2): fp32 at least as fast as the original for 8 x 10 s and 1 x 60 s; bf16 autocast at least 1.6x
-faster than fp32 where the CPU has bf16 instructions, cosine similarity >= 0.999; one hour under 3 GB.
+Targets: fp32 at least as fast as the original for 8 x 10 s and 1 x 60 s; bf16 autocast at least 1.6x faster than
+fp32 where the CPU has bf16 instructions, cosine similarity >= 0.999; mixed batches (1 x 60 s + 7 x 2 s, and 32
+clips of 0.5 to 12 s) at most 1.10x the time of their clips alone; equal-length batches no slower than the padded
+implementation (>= 0.97x); one hour under 3 GB.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +48,29 @@ def build_pair(size: str) -> tuple[torch.nn.Module, DashengModel]:
     return reference, model.eval()
 
 
+def load_before(revision: str, state: dict[str, torch.Tensor], config: DashengConfig) -> torch.nn.Module:
+    """DashengModel as it was at git `revision` (the padded implementation), with the same weights."""
+    root = Path(__file__).resolve().parents[1]
+    package = Path(tempfile.mkdtemp()) / "dasheng_hf_before"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py"):
+        source = subprocess.run(
+            ["git", "-C", str(root), "show", f"{revision}:{name}"], capture_output=True, text=True, check=True
+        ).stdout
+        (package / name).write_text(source)
+    sys.path.insert(0, str(package.parent))
+    before = importlib.import_module("dasheng_hf_before.modeling_dasheng")
+    old_config = importlib.import_module("dasheng_hf_before.configuration_dasheng").DashengConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+    )
+    model = before.DashengModel(old_config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def time_call(function: Callable[[], object], repeats: int) -> float:
     """Median wall time of `function` in seconds, after one warm-up call."""
     function()
@@ -58,7 +87,7 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def encode(model: DashengModel, extractor: DashengFeatureExtractor, waveforms: torch.Tensor) -> torch.Tensor:
+def encode(model: torch.nn.Module, extractor: DashengFeatureExtractor, waveforms: torch.Tensor) -> torch.Tensor:
     inputs = extractor(list(waveforms), sampling_rate=SAMPLING_RATE, return_tensors="pt")
     return model(**inputs).pooler_output
 
@@ -90,6 +119,35 @@ def compare_speed(size: str, repeats: int) -> None:
             f"{cosine:.5f}",
         )
         print(" | ".join(f"{cell:>10}" for cell in cells))
+
+
+def compare_mixed_batches(size: str, repeats: int, revision: str) -> None:
+    """Batch time over the summed one-at-a-time time of the same clips, before (padded) and now (padding-free)."""
+    _, model = build_pair(size)
+    before = load_before(revision, model.state_dict(), model.config)
+    extractor = DashengFeatureExtractor()
+    generator = torch.Generator().manual_seed(0)
+    uniform = (0.5 + 11.5 * torch.rand(32, generator=generator)).tolist()
+    batches = {
+        "1 x 60 s + 7 x 2 s": [60.0] + [2.0] * 7,
+        "32 x 0.5-12 s": uniform,
+        "8 x 10 s (equal)": [10.0] * 8,
+    }
+    print(f"\nmixed lengths, dasheng-{size}: batch time / sum of one-at-a-time times (before = git {revision})")
+    columns = ("batch", "before", "now", "now vs before")
+    print(" | ".join(f"{column:>20}" for column in columns))
+    for label, seconds in batches.items():
+        clips = [0.1 * torch.randn(int(s * SAMPLING_RATE), generator=generator) for s in seconds]
+        cells = [label]
+        times = {}
+        with torch.inference_mode():
+            for name, candidate in (("before", before), ("now", model)):
+                batch_time = time_call(lambda: encode(candidate, extractor, clips), repeats)  # noqa: B023
+                alone = sum(time_call(lambda: encode(candidate, extractor, [c]), repeats) for c in clips)  # noqa: B023
+                times[name] = batch_time
+                cells.append(f"{batch_time / alone:.2f}")
+        cells.append(f"{times['before'] / times['now']:.2f}x faster")
+        print(" | ".join(f"{cell:>20}" for cell in cells))
 
 
 HOUR_SCRIPT = """
@@ -126,9 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hour", action="store_true", help="skip the one-hour memory measurement")
+    parser.add_argument("--before-rev", default="4d692a8", help="git revision of the padded implementation")
+    parser.add_argument("--only-mixed", action="store_true", help="only the mixed-length comparison")
     args = parser.parse_args(argv)
-    compare_speed(args.size, args.repeats)
-    if not args.skip_hour:
+    if not args.only_mixed:
+        compare_speed(args.size, args.repeats)
+    compare_mixed_batches(args.size, args.repeats, args.before_rev)
+    if not args.skip_hour and not args.only_mixed:
         hour_memory(args.size)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,19 @@ from transformers import (
     pipeline,
 )
 
-CODE_FILES = {"configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py"}
-FULL_AUTO_MAP = {"AutoConfig", "AutoModel", "AutoModelForAudioClassification", "AutoFeatureExtractor"}
+CODE_FILES = {
+    "configuration_dasheng.py",
+    "modeling_dasheng.py",
+    "modeling_dasheng_pretraining.py",
+    "feature_extraction_dasheng.py",
+}
+FULL_AUTO_MAP = {
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForAudioClassification",
+    "AutoModelForPreTraining",
+    "AutoFeatureExtractor",
+}
 
 
 def hub_config(name: str, **encoder_kwargs) -> dict:
@@ -259,3 +271,31 @@ def test_trainer_predictions_are_the_logits(tmp_path):
     prediction = Trainer(model=model, args=arguments).predict(Clips())
     assert prediction.predictions.shape == (4, 3)
     assert prediction.metrics["test_loss"] > 0
+
+
+def test_loading_refuses_damaged_weights_and_foreign_front_ends(tmp_path):
+    """NaN weights, negative BatchNorm variances and a preprocessor config of other features are errors at load."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    DashengModel(tiny_config()).save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    for name, damage, message in (
+        ("encoder.blocks.1.mlp.fc2.weight", float("nan"), "encoder.blocks.1.mlp.fc2.weight holds NaN"),
+        ("encoder.init_bn.1.running_var", -1.0, "encoder.init_bn.1.running_var holds negative"),
+    ):
+        damaged = dict(weights)
+        damaged[name] = damaged[name].clone().fill_(damage)
+        broken = tmp_path / name
+        shutil.copytree(folder, broken)
+        save_file(damaged, broken / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=message):
+            DashengModel.from_pretrained(broken)
+        with pytest.raises(ValueError, match=message):
+            AutoModel.from_pretrained(broken, trust_remote_code=True)
+
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "n_fft": 1024, "center": False}))
+    with pytest.raises(ValueError, match=r"FFT size: the model's config has n_fft=512.*check_front_end=False"):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert DashengModel.from_pretrained(folder, check_front_end=False).config.n_fft == 512

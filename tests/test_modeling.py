@@ -317,3 +317,41 @@ def test_input_validation(tiny_pair, feature_extractor):
         model(inputs.input_values, attention_mask=inputs.attention_mask[:1])
     with pytest.raises(ValueError, match="right padding"):
         model(inputs.input_values, attention_mask=inputs.attention_mask.flip(-1))
+
+
+def test_inputs_as_arrays_and_lists(tiny_pair, feature_extractor):
+    """Masks and labels as lists or numpy arrays, int32 labels and numpy features work like tensors."""
+    _, model = tiny_pair
+    classifier = DashengForAudioClassification(tiny_config(num_labels=3))
+    classifier.load_state_dict(model.state_dict(), strict=False)
+    inputs = feature_extractor(
+        [0.1 * torch.randn(16000), 0.1 * torch.randn(9000)], sampling_rate=16000, return_tensors="pt"
+    )
+    expected = classifier(**inputs, labels=torch.tensor([0, 2]))
+    for mask, labels in (
+        (inputs.attention_mask.tolist(), [0, 2]),
+        (inputs.attention_mask.numpy(), torch.tensor([0, 2], dtype=torch.int32).numpy()),
+        (inputs.attention_mask.bool(), torch.tensor([0, 2], dtype=torch.int32)),
+    ):
+        outputs = classifier(inputs.input_values.numpy(), attention_mask=mask, labels=labels)
+        assert max_abs_diff(outputs.logits, expected.logits) <= 1e-6
+        assert max_abs_diff(outputs.loss, expected.loss) <= 1e-6
+    headed = DashengModel(tiny_config(outputdim=3, loss="CrossEntropyLoss"))
+    assert headed(**inputs, labels=torch.tensor([0, 2], dtype=torch.int32)).loss.isfinite()
+
+
+def test_refuses_masks_that_are_not_zero_or_one_and_empty_batches(tiny_pair, feature_extractor):
+    _, model = tiny_pair
+    inputs = feature_extractor(
+        [0.1 * torch.randn(16000), 0.1 * torch.randn(9000)], sampling_rate=16000, return_tensors="pt"
+    )
+    scaled = inputs.attention_mask.float() * 1.9  # 1.9 on real frames: .long() would have read it as 1
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model(inputs.input_values, attention_mask=scaled)
+    half = inputs.attention_mask.float().masked_fill(inputs.attention_mask == 0, 0.5)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model(inputs.input_values, attention_mask=half)
+    with pytest.raises(ValueError, match="empty batch"):
+        model(inputs.input_values[:0])
+    with pytest.raises(ValueError, match="floating point"):
+        model(inputs.input_values.long())
