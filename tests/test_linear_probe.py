@@ -16,6 +16,7 @@ import pytest
 import soundfile
 import torch
 from dasheng_hf import DashengConfig, DashengModel, linear_probe
+from dasheng_hf.audio_data import decode_audio
 from dasheng_hf.linear_probe import knn_predict, load_audio_clips, main
 from helpers import fsdd_files
 
@@ -410,3 +411,20 @@ def test_non_finite_embeddings_are_an_error_naming_the_file(tiny_dasheng_dir, tm
     error = fails([*arguments, "--output-dir", str(tmp_path / "o"), "--knn"], capsys)
     assert "esc50.csv row 42 (marked.wav): its embedding is not finite" in error
     assert not list((tmp_path / "cache").glob("*.npz"))  # nothing cached
+
+
+def test_hub_datasets_decode_through_the_shared_loader(monkeypatch):
+    """A Hub dataset's audio column (here a local `datasets.Dataset` in its place) is decoded like local files."""
+    import datasets
+
+    files = fsdd_files()[:6]
+    table = {"audio": files, "fold": [1, 2, 1, 2, 1, 2], "target": [0, 1, 2, 0, 1, 2], "category": list("abcabc")}
+    local = datasets.Dataset.from_dict(table).cast_column("audio", datasets.Audio())
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, split: local)
+    clips = load_audio_clips("someone/esc50-like")
+    assert clips.label_names == ["a", "b", "c"] and clips.folds.tolist() == table["fold"]
+    assert np.array_equal(clips.waveform(4), decode_audio(files[4]))
+    bad = local.remove_columns("fold").add_column("fold", ["1", "x", "1", "2", "1", "2"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, split: bad)
+    with pytest.raises(linear_probe.LinearProbeError, match=r"\[1\].*fold 'x' is not an integer"):
+        load_audio_clips("someone/esc50-like")
