@@ -165,8 +165,7 @@ class DashengPretrainingArguments(TrainingArguments):
     def __post_init__(self):
         gpu = torch.cuda.is_available()
         if self.optim == "auto":
-            bitsandbytes = _importable("bitsandbytes")
-            self.optim = "adamw_bnb_8bit" if gpu and bitsandbytes else "adamw_torch"
+            self.optim = "adamw_bnb_8bit" if gpu and _importable("bitsandbytes") else "adamw_torch"
             if self.optim != "adamw_bnb_8bit":  # logged once logging is set up (see `run`)
                 self._optim_note = (
                     f"Using AdamW (adamw_torch) instead of the paper's 8-bit AdamW, which needs "
