@@ -669,7 +669,23 @@ class DashengPreTrainedModel(PreTrainedModel):
         `preprocessor_config.json`, if any, must compute the features the weights were trained on (the front end
         in the config). Pass `check_front_end=False` to load a model whose feature extractor differs on purpose.
         """
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ == "SafetensorError":
+                raise ValueError(
+                    f"The weights file of {pretrained_model_name_or_path} is damaged or truncated ({error}): "
+                    f"download or save it again."
+                ) from error
+            if not isinstance(error, RuntimeError) or "mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights of {pretrained_model_name_or_path} do not have the shapes its config describes "
+                f"(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size, "
+                f"target_length, num_labels/outputdim): config.json was edited or belongs to another checkpoint. "
+                f"Restore it, or pass ignore_mismatched_sizes=True to re-initialise the differing tensors. "
+                f"({error})"
+            ) from error
         model = loaded[0] if kwargs.get("output_loading_info") else loaded
         model.check_weights()
         if check_front_end:
@@ -709,7 +725,11 @@ class DashengPreTrainedModel(PreTrainedModel):
             return
         if path is None:
             return
-        mismatches = front_end_mismatches(self.config, DashengFeatureExtractor.from_json_file(path))
+        try:
+            feature_extractor = DashengFeatureExtractor.from_json_file(path)
+        except ValueError as error:  # unreadable JSON or settings DashengFeatureExtractor refuses
+            raise ValueError(f"The preprocessor_config.json of {source} is not usable: {error}") from error
+        mismatches = front_end_mismatches(self.config, feature_extractor)
         if mismatches:
             raise ValueError(
                 f"The preprocessor_config.json of {source} computes other features than this model was trained "
