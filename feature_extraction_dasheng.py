@@ -23,6 +23,8 @@ logger = logging.get_logger(__name__)
 
 # Frames of the STFT computed at once per clip: bounds memory for hours-long audio (1 frame = 10 ms).
 _FRAMES_PER_BLOCK = 1 << 16
+# Frames per mel filter-bank product (see `_log_mel`).
+_MEL_FRAMES = 1 << 12
 # Clips with a sample above this magnitude could overflow float32 power spectra (from about 2e15 at n_fft 512):
 # they are computed in float64, so that their dB values are exact; all other clips keep the float32 path.
 _FLOAT32_SAFE_PEAK = 1e12
@@ -549,24 +551,22 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
 
         Returns:
             `(features, num_frames)`: features `(batch, feature_size, max_frames)` float32 in dB, padded frames set
-            to `padding_value`; `num_frames` `(batch,)` int64, each clip's real frames.
+            to `padding_value`; `num_frames` `(batch,)` int64, each clip's real frames. A clip's features do not
+            depend on the other clips of the batch, to the last bit.
         """
         device = torch.device(device)
         num_frames = torch.tensor([self.num_frames(clip.numel()) for clip in clips], device=device)
+        log_mel = torch.empty(len(clips), self.feature_size, int(num_frames.max()), device=device)
         loud = [bool(clip.abs().max() > _FLOAT32_SAFE_PEAK) for clip in clips]
         # Always float32, also inside a caller's autocast region: dB values need the precision. Loud clips (whose
         # power could overflow float32) in float64, on the CPU where the device has none (MPS).
         with torch.autocast(device.type, enabled=False):
-            if not any(loud):
-                log_mel = self._log_mel(clips, device, torch.float32)
-            else:
-                log_mel = torch.zeros(len(clips), self.feature_size, int(num_frames.max()), device=device)
-                for flag, dtype in ((False, torch.float32), (True, torch.float64)):
-                    rows = [row for row, is_loud in enumerate(loud) if is_loud == flag]
-                    where = torch.device("cpu") if flag and device.type == "mps" else device
-                    if rows:
-                        part = self._log_mel([clips[row] for row in rows], where, dtype).to(device)
-                        log_mel[rows, :, : part.shape[-1]] = part
+            for flag, dtype in ((False, torch.float32), (True, torch.float64)):
+                rows = [row for row, is_loud in enumerate(loud) if is_loud == flag]
+                where = torch.device("cpu") if flag and device.type == "mps" else device
+                if rows:
+                    part = self._log_mel([clips[row] for row in rows], where, dtype).to(device)
+                    log_mel[rows, :, : part.shape[-1]] = part
             is_real = torch.arange(log_mel.shape[-1], device=device)[None, :] < num_frames[:, None]
             if self.top_db is not None:
                 # Floor at top_db below each clip's own maximum over its real frames.
@@ -575,9 +575,10 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             return log_mel.masked_fill(~is_real[:, None, :], self.padding_value), num_frames
 
     def _log_mel(self, clips: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """`10 * log10(max(mel, 1e-10))` `(batch, feature_size, max_frames)` float32, computed in `dtype`."""
+        """`10 * log10(max(mel, 1e-10))` `(batch, feature_size, max_frames)` float32 (padding: undefined)."""
         pad = self.n_fft // 2 if self.center else 0
-        max_frames = max(self.num_frames(clip.numel()) for clip in clips)
+        num_frames = [self.num_frames(clip.numel()) for clip in clips]
+        max_frames = max(num_frames)
         # Each clip is reflect-padded at its own ends, then zero-padded on the right to the longest clip.
         signal = torch.zeros(len(clips), (max_frames - 1) * self.hop_size + self.n_fft, device=device, dtype=dtype)
         width = signal.shape[1]
@@ -595,7 +596,10 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         mel_filters = torch.from_numpy(self.mel_filters).to(device, dtype)
         log_mel = torch.empty(len(clips), self.feature_size, max_frames, device=device)
         # The STFT is taken block by block so that memory stays bounded for long audio (frames are independent).
-        block = max(1, _FRAMES_PER_BLOCK // len(clips))
+        # The mel product's result depends on its shape, so it is taken per clip over fixed spans of _MEL_FRAMES
+        # frames: the same products whatever the batch, and for a clip of up to _MEL_FRAMES frames exactly the
+        # product of torchaudio's MelScale.
+        block = max(_MEL_FRAMES, _FRAMES_PER_BLOCK // len(clips) // _MEL_FRAMES * _MEL_FRAMES)
         for start in range(0, max_frames, block):
             stop = min(start + block, max_frames)
             segment = signal[:, start * self.hop_size : (stop - 1) * self.hop_size + self.n_fft]
@@ -609,8 +613,12 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 return_complex=True,
             )
             power = stft.abs().pow(2)
-            mel = torch.matmul(mel_filters.T, power)
-            log_mel[:, :, start:stop] = 10.0 * torch.log10(mel.clamp(min=1e-10))
+            for row, frames in enumerate(num_frames):
+                for first in range(start, min(stop, frames), _MEL_FRAMES):
+                    last = min(first + _MEL_FRAMES, stop, frames)
+                    span = power[row : row + 1, :, first - start : last - start]
+                    mel = torch.matmul(span.transpose(-1, -2), mel_filters).transpose(-1, -2)[0]
+                    log_mel[row, :, first:last] = 10.0 * torch.log10(mel.clamp(min=1e-10))
         return log_mel
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,7 +19,7 @@ from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: 
 
 # Property-based tests: `ci` (the default) keeps all property suites together to about 3 minutes on 2 CPU cores and
 # is derandomized, so CI runs are reproducible; `deep` (`pytest --hypothesis-profile=deep`) tries many more inputs.
-# Neither writes an example database into the working tree. Hypothesis' pytest plugin loads the profile named by
+# Neither writes an example database (or the explain phase's patches) into the working tree. Hypothesis' pytest plugin loads the profile named by
 # `--hypothesis-profile` after this module is imported, so the command-line choice wins.
 settings.register_profile(
     "ci",
@@ -27,16 +27,18 @@ settings.register_profile(
     deadline=None,
     derandomize=True,
     database=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
     "deep",
     max_examples=1000,
     deadline=None,
     database=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("ci")
 
