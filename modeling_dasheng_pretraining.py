@@ -21,6 +21,10 @@ from torch import nn
 from transformers.utils import ModelOutput, logging
 
 from .configuration_dasheng import DashengConfig
+
+# Transformers 4.57 copies only a remote-code file's direct relative imports into its module cache, and
+# modeling_dasheng needs this one.
+from .feature_extraction_dasheng import DashengFeatureExtractor  # noqa: F401
 from .modeling_dasheng import DashengEncoder, DashengLayer, DashengPackedSequences, DashengPreTrainedModel, run_blocks
 
 __all__ = ["DashengDecoder", "DashengForPreTraining", "DashengForPreTrainingOutput", "DashengGroupMasking"]
