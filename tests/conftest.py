@@ -19,8 +19,8 @@ from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: 
 
 # Property-based tests: `ci` (the default) keeps all property suites together to about 3 minutes on 2 CPU cores and
 # is derandomized, so CI runs are reproducible; `deep` (`pytest --hypothesis-profile=deep`) tries many more inputs.
-# Neither writes an example database (or the explain phase's patches) into the working tree. Hypothesis' pytest plugin loads the profile named by
-# `--hypothesis-profile` after this module is imported, so the command-line choice wins.
+# Neither writes an example database (or the explain phase's patches) into the working tree. Hypothesis' pytest
+# plugin loads the profile named by `--hypothesis-profile` after this module is imported, so that choice wins.
 settings.register_profile(
     "ci",
     max_examples=25,

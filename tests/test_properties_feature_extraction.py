@@ -119,7 +119,7 @@ def expected_problem(batch: list[np.ndarray], options: dict) -> str | None:
             return f"Clip {index} is " + ("empty" if clip.size == 0 else f"{clip.size} samples long")
         if not np.isfinite(clip).all():
             return f"Clip {index} contains NaN or infinite samples"
-        if np.abs(clip).max() > FLOAT32_MAX:
+        if float(np.abs(clip.astype(np.float64)).max()) > FLOAT32_MAX:
             return f"Clip {index} has samples beyond the float32 range"
     lengths = [min(clip.size, max_length) if truncation else clip.size for clip in batch]
     if padding == "max_length" and max(lengths) > max_length:
