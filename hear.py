@@ -7,7 +7,7 @@
     scene = hear.get_scene_embeddings(audio, model)
 
 The HEAR evaluation kit takes the module by name: `python -m heareval.embeddings.runner dasheng_hf.hear
---model mispeech/dasheng-base`.
+--model mispeech/dasheng-base --tasks-dir tasks/`.
 """
 
 from __future__ import annotations
