@@ -4,9 +4,10 @@ Both models get the same weights (the original's `dasheng_base` MAE with group m
 the same batch (8 x 10 s of audio), in training mode with the BatchNorm on batch statistics as the original trains.
 A step is forward, loss, backward and an AdamW step (fused where PyTorch has it, as Trainer's default
 `adamw_torch_fused`). The original takes waveforms and computes its spectrogram inside the step; ours takes the
-feature extractor's log-mel features, computed by the data loader in training: the `ours+fe` column puts that
+feature extractor's log-mel features, computed by the data loader in training: the `ours+fe` row puts that
 computation inside the step as well. Steps of the two models alternate and the median is reported, so both see the
-same machine load. Peak memory is the growth of the resident set during one step, each model in a fresh process.
+same machine load; CPU seconds per step are reported beside wall time. Peak memory is the growth of the resident
+set during one step, each model in a fresh process.
 
     python benchmarks/pretrain_speed.py [--size base] [--batch 8] [--seconds 10] [--steps 3] [--threads 2]
 
@@ -96,17 +97,21 @@ def make_steps(
     }
 
 
-def time_interleaved(steps: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Median seconds per step of each function, alternating between them after one warm-up call each."""
+def time_interleaved(steps: dict[str, Callable[[], float]], repeats: int) -> dict[str, tuple[float, float]]:
+    """
+    Median wall and CPU seconds (all threads of this process) per step of each function, alternating between them
+    after one warm-up call each. CPU time is the steadier figure on a machine shared with other jobs.
+    """
     for function in steps.values():
         function()
-    times = {name: [] for name in steps}
+    times = {name: ([], []) for name in steps}
     for _ in range(repeats):
         for name, function in steps.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            times[name][0].append(time.perf_counter() - wall)
+            times[name][1].append(time.process_time() - cpu)
+    return {name: (statistics.median(wall), statistics.median(cpu)) for name, (wall, cpu) in times.items()}
 
 
 def resident_kib(field: str) -> int:
@@ -151,31 +156,32 @@ def main(argv: list[str] | None = None) -> None:
     reference, model = build_pair(args.size)
     waveforms = make_batch(args.batch, args.seconds)
     print(
-        f"{args.size}: {args.batch} x {args.seconds:g} s, {torch.get_num_threads()} threads, training steps per second "
-        f"(median of {args.steps}, alternating)"
+        f"{args.size}: {args.batch} x {args.seconds:g} s, {torch.get_num_threads()} threads; median of {args.steps} "
+        f"alternating steps; ratio = original time / ours (above 1: ours faster); ours+fe computes features in the step"
     )
-    columns = ("precision", "original", "ours", "ratio", "ours+fe", "ratio", "memory original", "memory ours")
-    print(" | ".join(f"{column:>9}" for column in columns))
+    columns = ("precision", "model", "steps/s", "ratio", "CPU s/step", "ratio", "peak memory")
+    print(" | ".join(f"{column:>11}" for column in columns))
     for bf16 in (False, True):
         seconds = time_interleaved(make_steps(reference, model, waveforms, bf16), args.steps)
-        memory = {"original": float("nan"), "ours": float("nan")}
+        memory = {}
         if not args.skip_memory:
-            for which in memory:
+            for which in ("original", "ours"):
                 command = [sys.executable, __file__, "--memory-of", which, "--size", args.size]
                 command += ["--batch", str(args.batch), "--seconds", str(args.seconds), "--threads", str(args.threads)]
                 output = subprocess.run(command + ["--bf16"] * bf16, capture_output=True, text=True, check=True)
                 memory[which] = float(output.stdout.strip().splitlines()[-1])
-        row = (
-            "bf16" if bf16 else "fp32",
-            f"{1 / seconds['original']:.4f}",
-            f"{1 / seconds['ours']:.4f}",
-            f"{seconds['original'] / seconds['ours']:.2f}x",
-            f"{1 / seconds['ours+fe']:.4f}",
-            f"{seconds['original'] / seconds['ours+fe']:.2f}x",
-            f"{memory['original']:.2f} GiB",
-            f"{memory['ours']:.2f} GiB",
-        )
-        print(" | ".join(f"{value:>9}" for value in row), flush=True)
+        (wall_original, cpu_original) = seconds["original"]
+        for name, (wall, cpu) in seconds.items():
+            row = (
+                "bf16" if bf16 else "fp32",
+                name,
+                f"{1 / wall:.4f}",
+                f"{wall_original / wall:.2f}x",
+                f"{cpu:.1f}",
+                f"{cpu_original / cpu:.2f}x",
+                f"{memory[name]:.2f} GiB" if name in memory else "-",
+            )
+            print(" | ".join(f"{value:>11}" for value in row), flush=True)
 
 
 if __name__ == "__main__":
