@@ -580,6 +580,7 @@ _AUTO_MAP = {
 CODE_FILES = (
     "configuration_dasheng.py",
     "modeling_dasheng.py",
+    "modeling_dasheng_layers.py",
     "feature_extraction_dasheng.py",
     "modeling_dasheng_pretraining.py",
 )

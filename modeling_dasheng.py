@@ -4,19 +4,19 @@ Where things happen, in the order the data flows:
 - the spectrogram: `DashengFeatureExtractor` (feature_extraction_dasheng.py) turns 16 kHz audio into 64-band log-mel
   frames (10 ms); here they are normalised per mel bin (`DashengSpectrogramBatchNorm`) and cut into 40 ms patches
   (`DashengPatchEmbeddings`), one token each;
-- chunks: `DashengPackedSequences.split_into_chunks` cuts each clip's real tokens into chunks of
-  `config.chunk_num_tokens` (252 = 10.08 s), the last one at its own length, and packs all chunks of the batch back to
-  back; padding is dropped there, once, and never computed; `unpack` puts the tokens back as `(batch, tokens, hidden)`
-  with zeros at padding;
-- attention: each chunk attends only to itself (`DashengSelfAttention`): equal-length chunks are batched for eager,
-  SDPA and flex attention, FlashAttention gets them all at once through `cu_seqlens`;
+- chunks: `DashengEncoder.forward` has `DashengPackedSequences.split_into_chunks` (modeling_dasheng_layers.py) cut
+  each clip's real tokens into chunks of `config.chunk_num_tokens` (252 = 10.08 s), the last one at its own length,
+  and pack all chunks of the batch back to back: padding is dropped there, once, and never computed; `unpack` puts
+  the tokens back as `(batch, tokens, hidden)` with zeros at padding;
+- blocks and attention: `run_blocks` and `DashengLayer` (modeling_dasheng_layers.py); each chunk attends only to
+  itself (`DashengSelfAttention`), so no attention mask exists: equal-length chunks are batched for eager, SDPA and
+  flex attention, FlashAttention gets them all at once through `cu_seqlens`;
 - pooling and heads: `DashengEncoder.forward` averages each clip's real tokens; the heads sit on that mean.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
 from .configuration_dasheng import DashengConfig, copy_code_files
 from .feature_extraction_dasheng import DashengFeatureExtractor, front_end_mismatches
+from .modeling_dasheng_layers import DashengLayer, DashengPackedSequences, eager_attention_forward, run_blocks
 
 __all__ = [
     "DashengAudioClassificationPipeline",
@@ -45,6 +43,7 @@ __all__ = [
     "DashengPackedSequences",
     "DashengPreTrainedModel",
     "eager_attention_forward",
+    "run_blocks",
 ]
 
 logger = logging.get_logger(__name__)
@@ -109,360 +108,6 @@ class DashengPatchEmbeddings(nn.Module):
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         patches = self.proj(spectrogram.unsqueeze(1).to(self.proj.weight.dtype))  # (batch, hidden, 1, tokens)
         return patches.flatten(2).transpose(1, 2).contiguous()
-
-
-class DashengPackedSequences:
-    """
-    The blocks' view of a batch: sequences of real tokens packed back to back along one axis, longest first.
-
-    A sequence is what attention sees on its own: a chunk of one clip (inference), or the kept tokens of a chunk
-    (pretraining). Per-token layers run on the packed `(total_tokens, hidden_size)` tensor, so padding costs nothing;
-    attention runs per run of equal-length sequences (`groups`), or on all of them at once through `cu_seqlens`.
-
-    Args:
-        lengths: Tokens per sequence, non-increasing.
-        clip_index, chunk_index: The clip and chunk of each sequence (where its attention weights are reported).
-        token_index: `(total_tokens,)` flat index `clip * num_tokens + position` of each packed token in the
-            `(batch_size, num_tokens)` source, or None when the packed order is the source's own order.
-        batch_size, num_tokens: Shape of the source.
-        chunk_num_tokens: Longest possible sequence (the attention span).
-    """
-
-    def __init__(
-        self,
-        lengths: list[int],
-        clip_index: list[int],
-        chunk_index: list[int],
-        token_index: torch.Tensor | None,
-        batch_size: int,
-        num_tokens: int,
-        chunk_num_tokens: int,
-    ):
-        self.lengths, self.clip_index, self.chunk_index = lengths, clip_index, chunk_index
-        self.token_index = token_index
-        self.batch_size, self.num_tokens, self.chunk_num_tokens = batch_size, num_tokens, chunk_num_tokens
-        self.total_tokens = sum(lengths)
-        # (first sequence, number of sequences, length) of each run of equal lengths.
-        self.groups: list[tuple[int, int, int]] = []
-        for position, length in enumerate(lengths):
-            if self.groups and self.groups[-1][2] == length:
-                first, count, _ = self.groups[-1]
-                self.groups[-1] = (first, count + 1, length)
-            else:
-                self.groups.append((position, 1, length))
-
-    @classmethod
-    def from_sequences(
-        cls,
-        sequences: Sequence[tuple[int, int, torch.Tensor]],
-        batch_size: int,
-        num_tokens: int,
-        chunk_num_tokens: int,
-    ) -> DashengPackedSequences:
-        """Pack `(clip, chunk, flat token indices)` per sequence, longest first (stable within a length)."""
-        ordered = sorted(sequences, key=lambda sequence: -len(sequence[2]))
-        return cls(
-            [len(indices) for _, _, indices in ordered],
-            [clip for clip, _, _ in ordered],
-            [chunk for _, chunk, _ in ordered],
-            torch.cat([indices for _, _, indices in ordered]),
-            batch_size,
-            num_tokens,
-            chunk_num_tokens,
-        )
-
-    @classmethod
-    def split_into_chunks(
-        cls, valid_tokens: Sequence[int], num_tokens: int, chunk_num_tokens: int, device: torch.device
-    ) -> DashengPackedSequences:
-        """
-        Chunks of each clip's first `valid_tokens[clip]` tokens: full chunks of `chunk_num_tokens`, the last one at
-        its own length, as the original encodes a clip alone. Tokens past a clip's valid count are never packed.
-        """
-        spans = [
-            (clip, chunk, clip * num_tokens + start, min(chunk_num_tokens, count - start))
-            for clip, count in enumerate(valid_tokens)
-            for chunk, start in enumerate(range(0, count, chunk_num_tokens))
-        ]
-        ordered = sorted(spans, key=lambda span: -span[3])
-        starts = [span[2] for span in ordered]
-        if sum(valid_tokens) == len(valid_tokens) * num_tokens and starts == sorted(starts):
-            # Nothing padded and the chunks already longest first (one clip, or no short last chunk).
-            lengths, clips, chunks = [span[3] for span in ordered], [s[0] for s in ordered], [s[1] for s in ordered]
-            return cls(lengths, clips, chunks, None, len(valid_tokens), num_tokens, chunk_num_tokens)
-        sequences = [
-            (clip, chunk, torch.arange(start, start + length, device=device)) for clip, chunk, start, length in spans
-        ]
-        return cls.from_sequences(sequences, len(valid_tokens), num_tokens, chunk_num_tokens)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def pack(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, num_tokens, hidden)` to the packed real tokens `(total_tokens, hidden)`."""
-        flat = tokens.reshape(self.batch_size * self.num_tokens, tokens.shape[-1])
-        return flat if self.token_index is None else flat.index_select(0, self.token_index)
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """Packed tokens `(total_tokens, hidden)` back to `(batch_size, num_tokens, hidden)`, zeros elsewhere."""
-        if self.token_index is not None:
-            flat = packed.new_zeros(self.batch_size * self.num_tokens, packed.shape[-1])
-            packed = flat.index_copy(0, self.token_index, packed)
-        return packed.reshape(self.batch_size, self.num_tokens, packed.shape[-1])
-
-    def select(self, first: int, last: int) -> DashengPackedSequences:
-        """Sequences `first:last` in packed order, for a pass of the blocks over part of the batch."""
-        return DashengPackedSequences(
-            self.lengths[first:last],
-            self.clip_index[first:last],
-            self.chunk_index[first:last],
-            None,
-            self.batch_size,
-            self.num_tokens,
-            self.chunk_num_tokens,
-        )
-
-    def cu_seqlens(self, device: torch.device) -> torch.Tensor:
-        """Cumulative lengths `(num_sequences + 1,)` int32, as FlashAttention's variable-length kernels take them."""
-        return F.pad(torch.tensor(self.lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
-
-    def sequence_of_tokens(self, device: torch.device) -> torch.Tensor:
-        """`(total_tokens,)` index of the sequence each packed token belongs to."""
-        lengths = torch.tensor(self.lengths, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
-
-    def attention_weights_buffer(self, num_heads: int, like: torch.Tensor) -> torch.Tensor:
-        """Zeros `(batch_size, num_chunks, num_heads, chunk, chunk)` to hold one block's attention weights."""
-        num_chunks = -(-self.num_tokens // self.chunk_num_tokens)
-        chunk = self.chunk_num_tokens
-        return like.new_zeros(self.batch_size, num_chunks, num_heads, chunk, chunk)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Softmax attention in plain PyTorch, as in Transformers' attention interface.
-
-    Args:
-        query, key, value: `(sequences, heads, length, head_dim)`.
-        attention_mask: Additive `(sequences, 1, length, length)` float mask, or None (Dasheng never needs one).
-    Returns:
-        The attended values `(sequences, length, heads, head_dim)` and the weights `(sequences, heads, length, length)`.
-    """
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
-    return output.transpose(1, 2).contiguous(), weights
-
-
-class DashengSelfAttention(nn.Module):
-    """
-    Multi-head self-attention within each packed sequence, with the original fused `qkv` projection.
-
-    The kernel is `config._attn_implementation` through Transformers' `ALL_ATTENTION_FUNCTIONS` (`eager`, `sdpa`,
-    `flex_attention`, `flash_attention_2/3`, Hub kernels), switchable with `model.set_attn_implementation(...)`.
-    """
-
-    def __init__(self, config: DashengConfig):
-        super().__init__()
-        self.config = config
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.attn_drop = nn.Dropout(config.attention_probs_dropout_prob)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        sequences: DashengPackedSequences,
-        attention_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """
-        Args:
-            hidden_states: Packed tokens `(total_tokens, hidden_size)`.
-            sequences: How the tokens are packed.
-            attention_weights: If given, a `(batch, chunks, heads, chunk, chunk)` buffer that receives the weights,
-                computed eagerly; the output is computed from the buffer, so gradients reach it.
-        Returns:
-            `(total_tokens, hidden_size)`.
-        """
-        qkv = self.qkv(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
-        if attention_weights is not None:
-            context = self._attend_with_weights(qkv, sequences, attention_weights)
-        elif "flash" in self.config._attn_implementation:
-            context = self._attend_variable_length(qkv, sequences)
-        else:
-            context = self._attend_by_length(qkv, sequences)
-        return self.proj_drop(self.proj(context.reshape(hidden_states.shape)))
-
-    def _attention_function(self):
-        if self.config._attn_implementation == "eager":
-            return eager_attention_forward
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # Transformers 5
-            return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-
-    @staticmethod
-    def _split_heads(qkv: torch.Tensor, sequences: int, length: int) -> tuple[torch.Tensor, ...]:
-        """Packed `(sequences * length, 3, heads, head_dim)` to query, key, value `(sequences, heads, length, dim)`."""
-        return qkv.view(sequences, length, *qkv.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)
-
-    def _attend_by_length(self, qkv: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
-        """One batched call per run of equal-length sequences: no padding, no mask."""
-        attention, dropout = self._attention_function(), self.attn_drop.p if self.training else 0.0
-        outputs, offset = [], 0
-        for _, count, length in sequences.groups:
-            query, key, value = self._split_heads(qkv[offset : offset + count * length], count, length)
-            output, _ = attention(self, query, key, value, None, dropout=dropout, scaling=self.scaling)
-            outputs.append(output.reshape(count * length, -1))
-            offset += count * length
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-    def _attend_variable_length(self, qkv: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
-        """All sequences in one FlashAttention call through its variable-length entry (`cu_seqlens`)."""
-        query, key, value = self._split_heads(qkv, 1, qkv.shape[0])
-        cu_seqlens = sequences.cu_seqlens(qkv.device)
-        longest = max(sequences.lengths)
-        output, _ = self._attention_function()(
-            self,
-            query,
-            key,
-            value,
-            None,
-            dropout=self.attn_drop.p if self.training else 0.0,
-            scaling=self.scaling,
-            cu_seq_lens_q=cu_seqlens,
-            cu_seq_lens_k=cu_seqlens,
-            max_length_q=longest,
-            max_length_k=longest,
-        )
-        return output.reshape(qkv.shape[0], -1)
-
-    def _attend_with_weights(
-        self, qkv: torch.Tensor, sequences: DashengPackedSequences, attention_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Eager attention that writes each sequence's weights to its `(clip, chunk)` slot and reads them back."""
-        offsets, offset = [], 0
-        for first, count, length in sequences.groups:
-            query, key, value = self._split_heads(qkv[offset : offset + count * length], count, length)
-            _, weights = eager_attention_forward(self, query, key, value, None, scaling=self.scaling)
-            clips, chunks = self._slots(sequences, first, count, qkv.device)
-            attention_weights[clips, chunks, :, :length, :length] = weights
-            offsets.append(offset)
-            offset += count * length
-        outputs = []
-        for (first, count, length), offset in zip(sequences.groups, offsets):
-            _, _, value = self._split_heads(qkv[offset : offset + count * length], count, length)
-            clips, chunks = self._slots(sequences, first, count, qkv.device)
-            weights = self.attn_drop(attention_weights[clips, chunks, :, :length, :length])
-            outputs.append(torch.matmul(weights, value).transpose(1, 2).reshape(count * length, -1))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-    @staticmethod
-    def _slots(sequences: DashengPackedSequences, first: int, count: int, device: torch.device):
-        clips = torch.tensor(sequences.clip_index[first : first + count], device=device)
-        chunks = torch.tensor(sequences.chunk_index[first : first + count], device=device)
-        return clips, chunks
-
-
-class DashengMLP(nn.Module):
-    """Two-layer MLP with exact GELU: hidden_size -> intermediate_size -> hidden_size."""
-
-    def __init__(self, config: DashengConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.drop = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(hidden_states)))))
-
-
-class DashengDropPath(nn.Module):
-    """Stochastic depth: drops the residual branch of a whole sequence with probability `drop_prob` in training."""
-
-    def __init__(self, drop_prob: float):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return hidden_states
-        keep = 1.0 - self.drop_prob
-        kept_sequences = hidden_states.new_empty(len(sequences)).bernoulli_(keep)
-        return hidden_states * (kept_sequences[sequences.sequence_of_tokens(hidden_states.device)] / keep)[:, None]
-
-    def extra_repr(self) -> str:
-        return f"p={self.drop_prob}"
-
-
-class DashengLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block on packed tokens: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, config: DashengConfig, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = DashengSelfAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = DashengMLP(config)
-        self.drop_path = DashengDropPath(drop_path)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        sequences: DashengPackedSequences,
-        attention_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`(total_tokens, hidden_size)` to `(total_tokens, hidden_size)`; see `DashengSelfAttention.forward`."""
-        attended = self.attn(self.norm1(hidden_states), sequences, attention_weights)
-        hidden_states = hidden_states + self.drop_path(attended, sequences)
-        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)), sequences)
-
-
-def run_blocks(
-    blocks: nn.ModuleList,
-    hidden_states: torch.Tensor,
-    sequences: DashengPackedSequences,
-    output_attentions: bool = False,
-    output_hidden_states: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """
-    Packed tokens `(total_tokens, hidden)` through `blocks` (encoder or decoder).
-
-    Returns the output, the per-layer states (input and each block's output, as `(batch, tokens, hidden)`) and the
-    attention weights when asked. The returned states and weights are the tensors the next block reads, so gradients
-    reach them (`retain_grad()` works).
-    """
-    states = [] if output_hidden_states else None
-    weights = []
-    for block in blocks:
-        if states is not None:
-            states.append(sequences.unpack(hidden_states))
-            hidden_states = sequences.pack(states[-1])
-        buffer = None
-        if output_attentions:
-            buffer = sequences.attention_weights_buffer(block.attn.num_heads, hidden_states)
-            weights.append(buffer)
-        hidden_states = block(hidden_states, sequences, buffer)
-    if states is not None:
-        states.append(sequences.unpack(hidden_states))
-        hidden_states = sequences.pack(states[-1])
-    return hidden_states, None if states is None else tuple(states), tuple(weights) if output_attentions else None
 
 
 class DashengEncoder(nn.Module):

@@ -24,6 +24,7 @@ from transformers import (
 CODE_FILES = {
     "configuration_dasheng.py",
     "modeling_dasheng.py",
+    "modeling_dasheng_layers.py",
     "modeling_dasheng_pretraining.py",
     "feature_extraction_dasheng.py",
 }

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from dasheng_hf.configuration_dasheng import CODE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
-HUB_FILES = ("configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py")
+HUB_FILES = tuple(CODE_FILES)  # every file that save_pretrained copies into a Hub folder
 
 
 @pytest.mark.parametrize("name", HUB_FILES)
@@ -27,13 +28,19 @@ def test_hub_files_import_only_torch_numpy_transformers(name):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             imported.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom):  # relative imports must stay among the three files
+        elif isinstance(node, ast.ImportFrom):  # relative imports must stay among the Hub files
             assert f"{node.module}.py" in HUB_FILES, node.module
     assert imported - set(sys.stdlib_module_names) <= {"torch", "numpy", "transformers"}
 
 
 @pytest.mark.parametrize(
-    ("script", "expected"), [("dasheng-convert", "--checkpoint"), ("dasheng-linear-probe", "--dataset")]
+    ("script", "expected"),
+    [
+        ("dasheng-convert", "--checkpoint"),
+        ("dasheng-linear-probe", "--dataset"),
+        ("dasheng-make-shards", "--shard"),
+        ("dasheng-pretrain", "--train"),
+    ],
 )
 def test_console_scripts(script, expected):
     path = shutil.which(script)
