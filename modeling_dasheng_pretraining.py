@@ -23,9 +23,10 @@ from transformers.utils import ModelOutput, logging
 from .configuration_dasheng import DashengConfig
 
 # Transformers 4.57 copies only a remote-code file's direct relative imports into its module cache, and
-# modeling_dasheng needs this one.
+# modeling_dasheng needs this one (and modeling_dasheng_layers, imported below).
 from .feature_extraction_dasheng import DashengFeatureExtractor  # noqa: F401
-from .modeling_dasheng import DashengEncoder, DashengLayer, DashengPackedSequences, DashengPreTrainedModel, run_blocks
+from .modeling_dasheng import DashengEncoder, DashengPreTrainedModel
+from .modeling_dasheng_layers import DashengLayer, DashengPackedSequences, run_blocks
 
 __all__ = ["DashengDecoder", "DashengForPreTraining", "DashengForPreTrainingOutput", "DashengGroupMasking"]
 
