@@ -29,20 +29,18 @@ def make_checkpoint(path: Path, hidden: int = 1536, depth: int = 40, heads: int 
     """Save a released-format checkpoint with random weights of the given size (1.2B by default)."""
     import torch
     from dasheng_hf import DashengConfig
-    from dasheng_hf.convert_checkpoint import _expected_shapes
-    from dasheng_hf.feature_extraction_dasheng import htk_mel_filter_bank
+    from dasheng_hf.checkpoint_contents import expected_front_end, expected_shapes
 
     config = DashengConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads)
     state = {}
-    for key, shape in _expected_shapes(config, classifier=False).items():
+    for key, shape in expected_shapes(config, classifier=False).items():
         name = key.removeprefix("encoder.")
         if name.endswith("num_batches_tracked"):
             state[name] = torch.zeros(shape, dtype=torch.long)
         else:
             state[name] = torch.empty(shape).normal_(std=0.02)
     state["init_bn.1.running_var"].fill_(100.0)
-    state["front_end.0.spectrogram.window"] = torch.hann_window(512, periodic=True)
-    state["front_end.0.mel_scale.fb"] = htk_mel_filter_bank(257, 64, 0.0, 8000.0, 16000)
+    state.update({f"front_end.{name}": buffer for name, buffer in expected_front_end(config).items()})
     torch.save({"model": state, "config": {"embed_dim": hidden, "depth": depth, "num_heads": heads}}, path)
 
 

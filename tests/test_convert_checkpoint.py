@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dasheng_hf import convert_checkpoint
+from dasheng_hf import convert_checkpoint, output_folder
 from dasheng_hf.configuration_dasheng import DashengConfig
 from dasheng_hf.convert_checkpoint import main
+from dasheng_hf.model_card import build_model_card
 from helpers import DATA_DIR, concatenated_fsdd, fsdd_files, hf_state_dict, make_reference_encoder, max_abs_diff
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -133,7 +134,7 @@ def test_verify_passes_for_float32_and_bfloat16(tiny, tmp_path: Path, capsys: py
 
 def test_failed_verification_leaves_nothing(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(convert_checkpoint, "FLOAT32_TOLERANCE", 0.0)
-    monkeypatch.setattr(convert_checkpoint, "_test_signal", lambda seconds: torch.randn(16000 * seconds) * 1e3)
+    monkeypatch.setattr(convert_checkpoint, "sweep_audio", lambda seconds: torch.randn(16000 * seconds) * 1e3)
     assert main(["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "new" / "out"), "--verify"]) == 1
     assert "Verification against the original implementation failed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the folder, its staging copy nor the created parent
@@ -147,7 +148,7 @@ def test_interrupt_leaves_the_previous_folder_untouched(tiny, tmp_path: Path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_checkpoint, "_model_card", interrupted)
+    monkeypatch.setattr(convert_checkpoint, "build_model_card", interrupted)
     assert main(["--checkpoint", str(tiny[1]), "--output", str(output), "--overwrite"]) == 130
     assert error_line(capsys.readouterr().err) == "error: interrupted by SIGINT; no partial output was left."
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
@@ -346,7 +347,7 @@ def test_model_card_front_matter_scores_and_runnable_usage(tiny, tmp_path: Path)
         "dasheng-1.2B": "83.2 | 75.7 | 84.9",
     }
     for name, scores in sizes.items():
-        assert scores in convert_checkpoint._model_card(DashengConfig.from_preset(name), False, f"mispeech/{name}")
+        assert scores in build_model_card(DashengConfig.from_preset(name), False, f"mispeech/{name}")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -694,15 +695,15 @@ def test_an_output_that_appears_meanwhile_is_kept_and_so_is_the_conversion(
     tiny, tmp_path: Path, monkeypatch, capsys, renameat2, what
 ) -> None:
     if not renameat2:
-        monkeypatch.setattr(convert_checkpoint, "_renameat2", lambda *args: False)
+        monkeypatch.setattr(output_folder, "_renameat2", lambda *args: False)
     output = tmp_path / "out"
-    card = convert_checkpoint._model_card
+    card = convert_checkpoint.build_model_card
 
     def meanwhile(*args):
         _occupy(output, what)
         return card(*args)
 
-    monkeypatch.setattr(convert_checkpoint, "_model_card", meanwhile)
+    monkeypatch.setattr(convert_checkpoint, "build_model_card", meanwhile)
     status = main(["--checkpoint", str(tiny[1]), "--output", str(output)])
     if what == "an empty folder":
         assert status == 0 and (output / "model.safetensors").is_file()
@@ -734,17 +735,17 @@ def test_overwrite_keeps_the_previous_folder_when_the_final_rename_fails(
         def exchange_fails(source, target, flags):
             raise failure
 
-        monkeypatch.setattr(convert_checkpoint, "_renameat2", exchange_fails)
+        monkeypatch.setattr(output_folder, "_renameat2", exchange_fails)
     else:
-        real = convert_checkpoint._rename_noreplace
+        real = output_folder._rename_noreplace
 
         def staging_cannot_move(source: Path, target: Path) -> None:
             if source.name.startswith(".out.partial-"):
                 raise failure
             real(source, target)
 
-        monkeypatch.setattr(convert_checkpoint, "_renameat2", lambda *args: False)
-        monkeypatch.setattr(convert_checkpoint, "_rename_noreplace", staging_cannot_move)
+        monkeypatch.setattr(output_folder, "_renameat2", lambda *args: False)
+        monkeypatch.setattr(output_folder, "_rename_noreplace", staging_cannot_move)
     assert main(["--checkpoint", str(tiny[1]), "--output", str(output), "--overwrite"]) == 1
     line = error_line(capsys.readouterr().err)
     assert line.startswith("error: Could not write the converted folder (Input/output error")
@@ -756,12 +757,12 @@ def test_overwrite_keeps_the_previous_folder_when_the_final_rename_fails(
 _SLOW_CONVERSION = """
 import sys, time
 from dasheng_hf import convert_checkpoint
-card = convert_checkpoint._model_card
+card = convert_checkpoint.build_model_card
 def slow_card(*args):
     print("staged", flush=True)
     time.sleep(120)
     return card(*args)
-convert_checkpoint._model_card = slow_card
+convert_checkpoint.build_model_card = slow_card
 sys.exit(convert_checkpoint.main(sys.argv[1:]))
 """
 
