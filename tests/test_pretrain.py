@@ -40,8 +40,13 @@ STEPS, SAVE_EVERY, LOG_EVERY = 60, 30, 5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _restore_logging():
-    """`main` sets up logging as a command does (Transformers at info level); later test files get theirs back."""
+def _one_thread_and_restored_logging():
+    """
+    One intra-op thread: for a 64-wide model, a second one only adds synchronisation (20x slower steps on a busy
+    CPU). `main` sets up logging as a command does (Transformers at info level); later test files get theirs back.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     verbosity = transformers.utils.logging.get_verbosity()
     levels = {name: logging.getLogger(name).level for name in ("dasheng_hf", "dasheng_hf.audio_data")}
     yield
@@ -49,6 +54,7 @@ def _restore_logging():
     transformers.utils.logging.reset_format()
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
