@@ -218,7 +218,7 @@ import torch
 import torchaudio
 from transformers import AutoFeatureExtractor, AutoModel, Trainer, TrainingArguments
 
-model_name, esc50_root, output_dir = sys.argv[1:4]
+esc50_root, output_root, *model_names = sys.argv[1:]
 
 # Cells 3-4: fold 5 for validation, folds 1-4 for training.
 with open(f"{esc50_root}/meta/esc50.csv", newline="") as handle:
@@ -228,85 +228,87 @@ splits = {
     "validation": [row for row in rows if int(row["fold"]) == 5],
 }
 
-feature_extractor = AutoFeatureExtractor.from_pretrained(model_name)
 
+def notebook(model_name, output_dir):  # the cells from the feature extractor on, for each folder
+    feature_extractor = AutoFeatureExtractor.from_pretrained(model_name)
 
-def preprocess_function(example):
-    max_duration = 1.0
-    audio, rate = soundfile.read(f"{esc50_root}/audio/{example['filename']}", dtype="float32")
-    audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, 16000).numpy()
-    inputs = feature_extractor(
-        audio,
-        sampling_rate=feature_extractor.sampling_rate,
-        max_length=int(feature_extractor.sampling_rate * max_duration),
-        truncation=True,
+    def preprocess_function(example):
+        max_duration = 1.0
+        audio, rate = soundfile.read(f"{esc50_root}/audio/{example['filename']}", dtype="float32")
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, 16000).numpy()
+        inputs = feature_extractor(
+            audio,
+            sampling_rate=feature_extractor.sampling_rate,
+            max_length=int(feature_extractor.sampling_rate * max_duration),
+            truncation=True,
+        )
+        inputs["input_values"] = inputs["input_values"].squeeze(0)
+        return {**inputs, "labels": int(example["target"])}
+
+    encoded_dataset = {name: [preprocess_function(row) for row in split] for name, split in splits.items()}
+
+    outputdim = 50
+    model = AutoModel.from_pretrained(model_name, outputdim=outputdim, ignore_mismatched_sizes=True)
+    model.freeze_encoder()
+    model.config.loss = "CrossEntropyLoss"
+
+    batch_size = 32
+    arguments = dict(
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        learning_rate=3e-3,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        per_device_eval_batch_size=batch_size,
+        num_train_epochs=10,
+        warmup_ratio=0,
+        logging_steps=10,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        dataloader_num_workers=2,
+        push_to_hub=False,
+        report_to=[],
     )
-    inputs["input_values"] = inputs["input_values"].squeeze(0)
-    return {**inputs, "labels": int(example["target"])}
+    if "warmup_ratio" not in inspect.signature(TrainingArguments).parameters:  # Transformers 5 dropped it
+        del arguments["warmup_ratio"]
+    args = TrainingArguments(output_dir, **arguments)
+
+    def compute_metrics(eval_pred):
+        predictions = np.argmax(eval_pred.predictions, axis=1)  # the first port: eval_pred.predictions[0]
+        return {"accuracy": float((predictions == eval_pred.label_ids).mean())}
+
+    processing = "tokenizer" if "tokenizer" in inspect.signature(Trainer).parameters else "processing_class"
+    trainer = Trainer(
+        model,
+        args,
+        train_dataset=encoded_dataset["train"],
+        eval_dataset=encoded_dataset["validation"],
+        compute_metrics=compute_metrics,
+        **{processing: feature_extractor},
+    )
+    trainer.train()
+
+    prediction = trainer.predict(encoded_dataset["validation"])
+
+    # The first port's test_inference.py: 1 s gives 25 tokens and a mean-pooled embedding; 1 s + 10 s of zeros, 275.
+    encoder = AutoModel.from_pretrained(model_name)
+    one_second = torch.randn(1, 16000)
+    with torch.no_grad():
+        outputs = encoder(**feature_extractor(one_second, sampling_rate=16000, return_tensors="pt"))
+        padded = encoder(**feature_extractor(torch.nn.functional.pad(one_second, (0, 160000)), sampling_rate=16000))
+    print(json.dumps({
+        "module": type(model).__module__,
+        "batch": {key: list(value.shape) for key, value in encoded_dataset["train"][0].items() if key != "labels"},
+        "predictions_shape": list(prediction.predictions.shape),
+        "accuracy": prediction.metrics["test_accuracy"],
+        "logits": list(outputs.logits.shape),
+        "hidden_states": list(outputs.hidden_states.shape),
+        "padded_hidden_states": list(padded.hidden_states.shape),
+    }))
 
 
-encoded_dataset = {name: [preprocess_function(row) for row in split] for name, split in splits.items()}
-
-outputdim = 50
-model = AutoModel.from_pretrained(model_name, outputdim=outputdim, ignore_mismatched_sizes=True)
-model.freeze_encoder()
-model.config.loss = "CrossEntropyLoss"
-
-batch_size = 32
-arguments = dict(
-    eval_strategy="epoch",
-    save_strategy="epoch",
-    learning_rate=3e-3,
-    per_device_train_batch_size=batch_size,
-    gradient_accumulation_steps=1,
-    per_device_eval_batch_size=batch_size,
-    num_train_epochs=10,
-    warmup_ratio=0,
-    logging_steps=10,
-    load_best_model_at_end=True,
-    metric_for_best_model="accuracy",
-    dataloader_num_workers=2,
-    push_to_hub=False,
-    report_to=[],
-)
-if "warmup_ratio" not in inspect.signature(TrainingArguments).parameters:  # Transformers 5 dropped it
-    del arguments["warmup_ratio"]
-args = TrainingArguments(output_dir, **arguments)
-
-
-def compute_metrics(eval_pred):
-    predictions = np.argmax(eval_pred.predictions, axis=1)  # the first port: eval_pred.predictions[0]
-    return {"accuracy": float((predictions == eval_pred.label_ids).mean())}
-
-
-processing = "tokenizer" if "tokenizer" in inspect.signature(Trainer).parameters else "processing_class"
-trainer = Trainer(
-    model,
-    args,
-    train_dataset=encoded_dataset["train"],
-    eval_dataset=encoded_dataset["validation"],
-    compute_metrics=compute_metrics,
-    **{processing: feature_extractor},
-)
-trainer.train()
-
-prediction = trainer.predict(encoded_dataset["validation"])
-
-# The first port's test_inference.py: 1 s gives 25 tokens and a mean-pooled embedding; 1 s + 10 s of zeros, 275.
-encoder = AutoModel.from_pretrained(model_name)
-one_second = torch.randn(1, 16000)
-with torch.no_grad():
-    outputs = encoder(**feature_extractor(one_second, sampling_rate=16000, return_tensors="pt"))
-    padded = encoder(**feature_extractor(torch.nn.functional.pad(one_second, (0, 160000)), sampling_rate=16000))
-print(json.dumps({
-    "module": type(model).__module__,
-    "batch": {key: list(value.shape) for key, value in encoded_dataset["train"][0].items() if key != "labels"},
-    "predictions_shape": list(prediction.predictions.shape),
-    "accuracy": prediction.metrics["test_accuracy"],
-    "logits": list(outputs.logits.shape),
-    "hidden_states": list(outputs.hidden_states.shape),
-    "padded_hidden_states": list(padded.hidden_states.shape),
-}))
+for index, model_name in enumerate(model_names):
+    notebook(model_name, f"{output_root}/{index}")
 """
 
 
@@ -350,31 +352,30 @@ def esc50_layout(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("folder_kind", ["saved", "converted"])
-def test_first_port_notebook_flow(request, tmp_path, folder_kind):
-    folder = request.getfixturevalue(f"notebook_{folder_kind}_folder")
+def test_first_port_notebook_flow(tmp_path, notebook_saved_folder, notebook_converted_folder):
     esc50 = esc50_layout(tmp_path / "ESC-50-master")
     (tmp_path / "notebook.py").write_text(NOTEBOOK)
+    folders = {"saved": notebook_saved_folder, "converted": notebook_converted_folder}
     result = subprocess.run(
-        [sys.executable, "notebook.py", str(folder), str(esc50), str(tmp_path / "out")],
-        input="y\n" * 10,  # the remote-code prompts, answered as a notebook user does
+        [sys.executable, "notebook.py", str(esc50), str(tmp_path / "out"), *map(str, folders.values())],
+        input="y\n" * 40,  # the remote-code prompts, answered as a notebook user does
         capture_output=True,
         text=True,
         cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    last_line = result.stdout.strip().splitlines()[-1]
-    report = json.loads(last_line[last_line.index("{") :])  # after the prompts' text
-    print(folder_kind, report)
-    assert report["module"].startswith("transformers_modules")  # the folder's own code, as for Hub users
-    frames = report["batch"]["input_values"][1]
-    assert report["batch"]["input_values"] == [64, frames] and report["batch"].get("attention_mask", [1, frames]) == [
-        1,
-        frames,
-    ]
-    assert report["predictions_shape"] == [30, 50]  # 3 digits x 2 speakers x 5 takes in fold 5
-    assert report["accuracy"] >= 0.7, report  # a linear head on a random 2-layer encoder; chance is 1/3
-    assert report["logits"] == [1, 256] and report["hidden_states"] == [1, 25, 256]
-    assert report["padded_hidden_states"] == [1, 275, 256]
+    lines = [line for line in result.stdout.splitlines() if '{"module"' in line]
+    reports = [json.loads(line[line.index('{"module"') :]) for line in lines]  # after the prompts' text
+    assert len(reports) == len(folders)
+    for kind, report in zip(folders, reports):
+        print(kind, report)
+        assert report["module"].startswith("transformers_modules")  # the folder's own code, as for Hub users
+        frames = report["batch"]["input_values"][1]
+        assert report["batch"]["input_values"] == [64, frames]
+        assert report["batch"].get("attention_mask", [1, frames]) == [1, frames]
+        assert report["predictions_shape"] == [30, 50]  # 3 digits x 2 speakers x 5 takes in fold 5
+        assert report["accuracy"] >= 0.6, (kind, report)  # a linear head on a frozen random encoder; chance 1/3
+        assert report["logits"] == [1, 256] and report["hidden_states"] == [1, 25, 256]
+        assert report["padded_hidden_states"] == [1, 275, 256]
