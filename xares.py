@@ -78,7 +78,7 @@ class DashengXaresEncoder(nn.Module):
         device = next(self.model.parameters()).device
         with torch.no_grad():
             features = self.feature_extractor(
-                clips, sampling_rate=self.sampling_rate, return_tensors="pt", device=device
+                clips, sampling_rate=self.sampling_rate, return_tensors="pt", return_attention_mask=True, device=device
             )
             outputs = self.model(**features)
         embeddings = outputs.last_hidden_state.float()

@@ -80,6 +80,8 @@ def test_xares_llm_contract(encoder, reference_tiny):
         assert max_abs_diff(features[0], reference_tiny(long[None])[0]) <= 1e-4
     bool_features, bool_mask = encoder(batch, sample_mask.bool())
     assert bool_mask.dtype == torch.bool and torch.equal(bool_features, features)
+    full_features, full_mask = encoder(audio, torch.ones(3, 50000, dtype=torch.long))  # nothing padded
+    assert full_mask.shape == (3, 78) and bool(full_mask.all()) and torch.equal(full_features, encoder(audio))
 
 
 def test_ten_minutes(encoder):
