@@ -592,7 +592,8 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 if right > 0:
                     signal[row, pad + length : pad + length + right] = clip[-right - 1 : -1].flip(0)
 
-        window = torch.hann_window(self.win_size, periodic=True, device=device, dtype=dtype)
+        # The float32 window and filters of the original front end, also when computing in float64.
+        window = torch.hann_window(self.win_size, periodic=True, device=device).to(dtype)
         mel_filters = torch.from_numpy(self.mel_filters).to(device, dtype)
         log_mel = torch.empty(len(clips), self.feature_size, max_frames, device=device)
         # The STFT is taken block by block so that memory stays bounded for long audio (frames are independent).

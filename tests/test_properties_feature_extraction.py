@@ -189,7 +189,7 @@ def check(
     else:
         raw = [as_container(clip, container) for clip in batch]
     problem = expected_problem(batch, options)
-    if one and container == "list" and batch[0].size == 0:
+    if one and container == "list" and batch[0].size == 0 and (problem or "Clip").startswith("Clip"):
         problem = "Got an empty list"
     assert not must_be_valid or problem is None, problem
     try:
@@ -236,7 +236,7 @@ def check(
 
 
 def check_against_reference(reference_front_end, clip: np.ndarray, features: torch.Tensor) -> None:
-    """Features of one clip against the original front end: float32 below 1e12, float64 (to 0.05 dB) above."""
+    """Features of one clip against the original front end: float32 below 1e12, float64 above."""
     samples = torch.from_numpy(clip.astype(np.float32))
     peak = float(samples.abs().max())
     event("clip: loud, float64" if peak > 1e12 else "clip: float32")
@@ -245,7 +245,7 @@ def check_against_reference(reference_front_end, clip: np.ndarray, features: tor
         assert float((features - expected).abs().max()) <= 1e-4
     else:
         expected = reference_front_end[1](samples[None].double())[0].float()
-        assert float((features - expected).abs().max()) <= 0.05
+        assert float((features - expected).abs().max()) <= 1e-3
 
 
 @given(
