@@ -138,7 +138,10 @@ class DashengEncoder(nn.Module):
         tokens = tokens.to(torch.promote_types(tokens.dtype, self.time_pos_embed.dtype))  # fp32 under autocast
         # Positions restart at every chunk: token i has time position i % chunk_num_tokens.
         positions = torch.arange(tokens.shape[1], device=tokens.device) % self.chunk_num_tokens
-        return tokens.add_(self.time_pos_embed[0, :, 0, :].T[positions]).add_(self.freq_pos_embed[0, :, 0, 0])
+        position_embeddings = (self.time_pos_embed[0, :, 0, :].T + self.freq_pos_embed[0, :, 0, 0])[positions]
+        if torch.is_grad_enabled():  # out of place: a hook (PEFT's input grads) may have made `tokens` a leaf
+            return tokens + position_embeddings
+        return tokens.add_(position_embeddings)  # in place saves a copy of hours-long inputs
 
     def forward(
         self,

@@ -119,7 +119,7 @@ def test_lora_trains_saves_and_reloads(tmp_path, base_folder, digits):
         assert max_abs_diff(merged(**batch).logits, expected) <= 1e-5
 
 
-@pytest.mark.parametrize(("target_modules", "num_adapted"), [(("qkv", "proj"), 5)])
+@pytest.mark.parametrize(("target_modules", "num_adapted"), [(("qkv", "proj"), 5), (r".*\.attn\.(qkv|proj)", 4)])
 def test_lora_with_gradient_checkpointing(base_folder, digits, target_modules, num_adapted):
     """
     Reentrant checkpointing needs block inputs that require grad. With the patch embedding frozen (attention-only
