@@ -9,6 +9,9 @@ attention mask. In probe mode (the default) the frozen encoder embeds every clip
 disk, and a linear head is trained per fold on them; `--knn` replaces the head by k-nearest-neighbour voting. Runs
 unchanged under `torchrun` / `accelerate launch`. Writes `OUT/metrics.json`, `OUT/predictions.csv` and each fold's
 training log `OUT/fold{k}/log_history.json`.
+
+This module holds the dataset, the protocol and the command line; embedding and the cache are in
+`probe_embeddings.py`, the classifiers (linear head, k-NN, fine-tuning) in `probe_heads.py`.
 """
 
 from __future__ import annotations
@@ -22,115 +25,33 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from transformers import (
-    AutoFeatureExtractor,
-    AutoModel,
-    AutoModelForAudioClassification,
-    PretrainedConfig,
-    PreTrainedModel,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.feature_extraction_utils import FeatureExtractionMixin
-from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging
 
 from .audio_data import DashengAudioClips, DashengAudioError, read_file_list
-from .feature_extraction_dasheng import DashengFeatureExtractor
-from .modeling_dasheng import DashengForAudioClassification, DashengModel
+from .probe_embeddings import (
+    DEFAULT_MODEL,
+    AudioClips,
+    LinearProbeError,
+    cached_embeddings,
+    hub_hint,
+    is_local_path,
+    load_encoder,
+    read_model_config,
+)
+from .probe_heads import MODE_DEFAULTS, finetune_classifier, knn_predict, multi_process_cpu, train_linear_probe
 
-__all__ = [
-    "AudioClips",
-    "LinearProbeError",
-    "LinearProbeHead",
-    "ProbeOptions",
-    "cached_embeddings",
-    "embed_clips",
-    "knn_predict",
-    "load_audio_clips",
-    "load_encoder",
-    "main",
-    "run_protocol",
-    "train_linear_probe",
-]
+__all__ = ["DEFAULT_DATASET", "ProbeOptions", "load_audio_clips", "main", "run_protocol"]
 
 logger = logging.get_logger(__name__)
 
-SAMPLING_RATE = 16000
-DEFAULT_MODEL = "mispeech/dasheng-base"
 DEFAULT_DATASET = "ashraq/esc50"
-# Default (epochs, learning rate, batch size) per mode: a frozen-encoder linear head on standardised embeddings, and
-# end-to-end fine-tuning of a pretrained encoder.
-MODE_DEFAULTS = {"probe": (30, 1e-2, 256), "finetune": (10, 5e-5, 16)}
-_CACHE_VERSION = "2"  # 2: audio decoded by audio_data (soundfile, torchcodec; sinc resampling)
-
-
-class LinearProbeError(ValueError):
-    """A problem with the command's inputs (model, dataset, folds); the message says how to fix it."""
-
 
 # ----------------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class AudioClips:
-    """
-    Labelled clips with their cross-validation folds; audio is decoded (mono, 16 kHz) when asked for.
-
-    Attributes:
-        audio: The clips (a [`DashengAudioClips`]: files or `datasets` rows).
-        labels: `(num_clips,)` int64 class indices `0 .. len(label_names) - 1`.
-        folds: `(num_clips,)` int64 fold of each clip.
-        label_names: Name of each class index.
-        fingerprint: Identifies the data and its order (part of the embedding cache key).
-        source: The `--dataset` argument it was loaded from.
-    """
-
-    audio: DashengAudioClips
-    labels: np.ndarray
-    folds: np.ndarray
-    label_names: list[str]
-    fingerprint: str
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def waveform(self, index: int) -> np.ndarray:
-        """Clip `index` as mono float32 samples at 16 kHz; [`DashengAudioError`] names a clip that cannot be used."""
-        return self.audio[int(index)]["audio"]
-
-    def name(self, index: int) -> str:
-        """The file (and list row) of clip `index`, for messages."""
-        return self.audio.record(int(index)).origin
-
-    def subset(self, indices: Sequence[int]) -> AudioClips:
-        """The clips at `indices` (same labels and names, a fingerprint of their own)."""
-        indices = [int(index) for index in indices]
-        audio = DashengAudioClips.from_records([self.audio.units[index] for index in indices])
-        fingerprint = hashlib.sha256(f"{self.fingerprint}|{indices}".encode()).hexdigest()
-        labels, folds = self.labels[indices], self.folds[indices]
-        return replace(self, audio=audio, labels=labels, folds=folds, fingerprint=fingerprint)
-
-
-def _is_local(path: str) -> bool:
-    """A path rather than a Hub id: it exists, starts like a path, or has more parts than `owner/name`."""
-    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.strip("/").count("/") > 1
-
-
-def _hub_hint(kind: str) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return (" The Hub is switched off (HF_HUB_OFFLINE=1)." if offline else "") + (
-        f" Without the Hub, pass a local {kind} instead"
-    )
 
 
 def _integers(values: Sequence[Any], column: str, name: Any) -> list[int]:
@@ -152,7 +73,7 @@ def load_audio_clips(source: str = DEFAULT_DATASET) -> AudioClips:
     files under `audio/` (names relative to it, staying inside it); a Hub dataset has one `train` split with `audio`,
     `fold`, `target` (and `category`). Audio at any sampling rate is resampled to 16 kHz when decoded.
     """
-    if _is_local(source):
+    if is_local_path(source):
         root = Path(source).expanduser()
         meta = root / "meta" / "esc50.csv"
         if not meta.is_file():
@@ -186,7 +107,7 @@ def load_audio_clips(source: str = DEFAULT_DATASET) -> AudioClips:
         except Exception as error:
             raise LinearProbeError(
                 f"Could not load the dataset {source!r} from the Hugging Face Hub ({type(error).__name__}: {error})."
-                f"{_hub_hint('copy of ESC-50')}: download https://github.com/karoldvl/ESC-50/archive/master.zip, "
+                f"{hub_hint('copy of ESC-50')}: download https://github.com/karoldvl/ESC-50/archive/master.zip, "
                 f"unzip it and pass --dataset /path/to/ESC-50-master."
             ) from error
         missing_columns = {"audio", "fold", "target"} - set(dataset.column_names)
@@ -211,408 +132,6 @@ def load_audio_clips(source: str = DEFAULT_DATASET) -> AudioClips:
         fingerprint=fingerprint,
         source=source,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------- model
-
-
-def _is_dasheng(config_dict: dict[str, Any]) -> bool:
-    return config_dict.get("model_type") == "dasheng" or "encoder_kwargs" in config_dict
-
-
-def _dasheng_feature_extractor(name: str, model: PreTrainedModel) -> DashengFeatureExtractor:
-    """The folder's own feature extractor, or one built from the model config when it has none (old Hub layout)."""
-    try:
-        return DashengFeatureExtractor.from_pretrained(name)
-    except OSError:
-        return DashengFeatureExtractor.from_dasheng_config(model.config)
-
-
-def _model_config(name: str) -> dict[str, Any]:
-    """The config of `--model`, read without loading weights: a missing folder or bad id is reported here."""
-    if _is_local(name) and not Path(name).expanduser().is_dir():
-        what = "is a file, not a model folder" if Path(name).expanduser().exists() else "does not exist"
-        raise LinearProbeError(
-            f"--model {name} {what}. Pass a folder written by save_pretrained (config.json and weights) or a Hub id "
-            f"such as {DEFAULT_MODEL}."
-        )
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(str(Path(name).expanduser()) if _is_local(name) else name)
-    except OSError as error:
-        raise LinearProbeError(
-            f"Could not load the model {name!r} ({error}).{_hub_hint('model folder')}: a folder written by "
-            f"save_pretrained (config.json and weights), e.g. --model /path/to/dasheng-base."
-        ) from error
-    if not config_dict.get("model_type") and not _is_dasheng(config_dict):
-        raise LinearProbeError(
-            f"Could not load the model {name!r}: it has no config.json with a model_type. Pass a Hub id or a folder "
-            f"written by save_pretrained (config.json and weights)."
-        )
-    return config_dict
-
-
-def load_encoder(
-    name: str = DEFAULT_MODEL,
-    trust_remote_code: bool = False,
-    label_names: Sequence[str] | None = None,
-) -> tuple[PreTrainedModel, FeatureExtractionMixin]:
-    """
-    Load an encoder and its feature extractor from a Hub id or a local folder.
-
-    Dasheng checkpoints (this project's layout or the first Hub port) load with this project's classes; any other
-    audio model loads with `AutoModel` / `AutoFeatureExtractor`. With `label_names` the model is a classifier with a
-    fresh head of that many outputs (`DashengForAudioClassification` or `AutoModelForAudioClassification`).
-    """
-    config_dict = _model_config(name)
-    if _is_local(name):
-        name = str(Path(name).expanduser())
-    labels = None
-    if label_names is not None:
-        id2label = dict(enumerate(label_names))
-        labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    if _is_dasheng(config_dict):
-        if labels is None:
-            model = DashengModel.from_pretrained(name)
-        else:
-            model = DashengForAudioClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
-        return model, _dasheng_feature_extractor(name, model)
-    if labels is None:
-        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForAudioClassification.from_pretrained(
-            name, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **labels
-        )
-    return model, AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
-
-
-def _featurize(feature_extractor: FeatureExtractionMixin, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Features of a batch of 16 kHz clips, padded to the longest (Dasheng pads itself and returns the mask)."""
-    extra = {} if isinstance(feature_extractor, DashengFeatureExtractor) else {"padding": True}
-    features = feature_extractor(waveforms, sampling_rate=SAMPLING_RATE, return_tensors="pt", **extra)
-    return dict(features)
-
-
-@torch.no_grad()
-def embed_clips(
-    model: PreTrainedModel,
-    feature_extractor: FeatureExtractionMixin,
-    clips: AudioClips,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    skipped: dict[int, str] | None = None,
-) -> np.ndarray:
-    """
-    Embed every clip whole, in order, `batch_size` at a time: the model's `pooler_output` or, lacking one, the mean
-    of `last_hidden_state`.
-
-    A clip that cannot be used (unreadable, empty, non-finite samples, shorter than 30 ms) is skipped with a warning
-    that names it: its row is NaN and `skipped[index]` says why. A clip whose embedding is not finite raises
-    [`LinearProbeError`].
-
-    Returns:
-        `(num_clips, hidden_size)` float32 embeddings in the order of `clips`.
-    """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
-    skipped = {} if skipped is None else skipped
-    embeddings = None
-    with tqdm(total=len(clips), desc="Embedding clips", unit="clip", disable=not progress) as bar:
-        for start in range(0, len(clips), batch_size):
-            batch, waveforms = [], []
-            for index in range(start, min(start + batch_size, len(clips))):
-                try:
-                    waveforms.append(clips.waveform(index))
-                    batch.append(index)
-                except DashengAudioError as error:
-                    skipped[index] = str(error)
-                    logger.warning(f"Skipped {error}")
-            if batch:
-                names = [clips.name(index) for index in batch]
-                pooled = _checked_embeddings(model, feature_extractor, waveforms, device, names)
-                if embeddings is None:
-                    embeddings = np.full((len(clips), pooled.shape[1]), np.nan, dtype=np.float32)
-                embeddings[batch] = pooled
-            bar.update(min(batch_size, len(clips) - start))
-    if embeddings is None:
-        raise LinearProbeError(f"None of the {len(clips)} clips of {clips.source} can be used, e.g. {skipped[0]}")
-    return embeddings
-
-
-def _checked_embeddings(
-    model: PreTrainedModel,
-    feature_extractor: FeatureExtractionMixin,
-    waveforms: list[np.ndarray],
-    device: torch.device,
-    names: list[str],
-) -> np.ndarray:
-    """`(batch, hidden)` finite float32 embeddings; a clip that the model refuses or turns into NaN is named."""
-    try:
-        pooled = _pooled_embeddings(model, feature_extractor, waveforms, device).float().cpu().numpy()
-    except ValueError as error:
-        if len(waveforms) > 1:  # find the clip that is refused
-            return np.concatenate(
-                [_checked_embeddings(model, feature_extractor, [w], device, [n]) for w, n in zip(waveforms, names)]
-            )
-        raise LinearProbeError(f"{names[0]}: {error}") from error
-    for row, name, waveform in zip(pooled, names, waveforms):
-        if not np.isfinite(row).all():
-            raise LinearProbeError(
-                f"{name}: its embedding is not finite (NaN or infinity); its samples reach {np.abs(waveform).max():.3g}"
-                f": normalise the audio to [-1, 1], or leave the file out."
-            )
-    return pooled
-
-
-def _pooled_embeddings(
-    model: PreTrainedModel, feature_extractor: FeatureExtractionMixin, waveforms: list[np.ndarray], device: torch.device
-) -> torch.Tensor:
-    """`pooler_output`, or the mean of `last_hidden_state`, of a batch: `(batch, hidden)`."""
-    inputs = _featurize(feature_extractor, waveforms)
-    outputs = model(**{key: value.to(device) for key, value in inputs.items()})
-    pooled = getattr(outputs, "pooler_output", None)
-    if pooled is not None:
-        return pooled
-    if len(waveforms) > 1 and len({len(waveform) for waveform in waveforms}) > 1:
-        # A plain mean would average padding too, making a clip's embedding depend on its batch: one at a time.
-        return torch.cat([_pooled_embeddings(model, feature_extractor, [waveform], device) for waveform in waveforms])
-    return outputs.last_hidden_state.mean(dim=1)
-
-
-def _model_fingerprint(name: str, model: PreTrainedModel) -> str:
-    """Identifies the weights: the files of a local folder (name, size, time) or the Hub revision."""
-    path = Path(name)
-    if path.is_dir():
-        stats = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in path.iterdir() if f.is_file())
-        return f"local:{path.resolve()}:{';'.join(stats)}"
-    return f"hub:{name}:{getattr(model.config, '_commit_hash', None)}"
-
-
-def cached_embeddings(
-    model_name: str,
-    model: PreTrainedModel,
-    feature_extractor: FeatureExtractionMixin,
-    clips: AudioClips,
-    cache_dir: str | Path,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> tuple[np.ndarray, dict[int, str], bool]:
-    """
-    Embeddings of `clips` from `cache_dir` if this model and data were embedded before, else computed and stored
-    (`KEY.npz`: the embeddings, the key and the skipped clips, written atomically).
-
-    Returns:
-        `(embeddings, skipped, from_cache)`: see [`embed_clips`] for `embeddings` (NaN rows) and `skipped`.
-
-    Raises:
-        LinearProbeError: a cache file that is damaged or belongs to other data; the message says how to clear it.
-    """
-    key = f"{_CACHE_VERSION}|{_model_fingerprint(model_name, model)}|{clips.fingerprint}"
-    path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    if path.exists():
-        embeddings, skipped = _read_cache(path, key, len(clips))
-        return embeddings, skipped, True
-    skipped: dict[int, str] = {}
-    embeddings = embed_clips(
-        model, feature_extractor, clips, batch_size=batch_size, device=device, progress=progress, skipped=skipped
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        with partial.open("wb") as handle:
-            np.savez(handle, embeddings=embeddings, key=np.array(key), skipped=np.array(json.dumps(skipped)))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return embeddings, skipped, False
-
-
-def _read_cache(path: Path, key: str, num_clips: int) -> tuple[np.ndarray, dict[int, str]]:
-    clear = f"Delete it (rm {path}) to embed the clips again, or pass another --cache-dir."
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            embeddings, stored_key = stored["embeddings"], str(stored["key"])
-            skipped = {int(index): reason for index, reason in json.loads(str(stored["skipped"])).items()}
-    except Exception as error:  # truncated, not a zip, missing arrays, bad JSON: all mean a damaged file
-        raise LinearProbeError(
-            f"The embedding cache {path} is damaged ({type(error).__name__}: {error}). {clear}"
-        ) from error
-    unusable = set(np.flatnonzero(~np.isfinite(embeddings).all(axis=1)).tolist()) if embeddings.ndim == 2 else None
-    if stored_key != key or embeddings.ndim != 2 or len(embeddings) != num_clips or unusable != set(skipped):
-        raise LinearProbeError(
-            f"The embedding cache {path} does not match this model and dataset ({embeddings.shape} embeddings for "
-            f"{num_clips} clips). {clear}"
-        )
-    return embeddings, skipped
-
-
-# --------------------------------------------------------------------------------------------------- evaluation
-
-
-class LinearProbeHead(nn.Module):
-    """Logistic regression on embeddings standardised with the training fold's mean and standard deviation."""
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray, num_labels: int):
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6))
-        self.classifier = nn.Linear(self.mean.numel(), num_labels)
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        logits = self.classifier((embeddings - self.mean) / self.std)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-class _EmbeddingDataset(torch.utils.data.Dataset):
-    def __init__(self, embeddings: np.ndarray, labels: np.ndarray):
-        self.embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"embeddings": self.embeddings[index], "labels": self.labels[index]}
-
-
-class _WaveformDataset(torch.utils.data.Dataset):
-    def __init__(self, clips: AudioClips, indices: np.ndarray):
-        self.clips, self.indices = clips, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        clip = int(self.indices[index])
-        return {"waveform": self.clips.waveform(clip), "labels": int(self.clips.labels[clip])}
-
-
-class _WaveformCollator:
-    """Batches whole clips of different lengths through the feature extractor."""
-
-    def __init__(self, feature_extractor: FeatureExtractionMixin):
-        self.feature_extractor = feature_extractor
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = _featurize(self.feature_extractor, [item["waveform"] for item in items])
-        batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.long)
-        return batch
-
-
-def _accuracy(eval_prediction) -> dict[str, float]:
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
-def _multi_process_cpu() -> bool:
-    """Several processes without a GPU: Trainer and accelerate only go distributed (gloo) when told to use the CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def _training_arguments(
-    output_dir: Path,
-    epochs: float,
-    learning_rate: float,
-    batch_size: int,
-    seed: int,
-    large_eval_batches: bool = False,
-    **kw: Any,
-) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=max(batch_size, 64) if large_eval_batches else batch_size,
-        eval_strategy="epoch",
-        logging_strategy="epoch",
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        use_cpu=_multi_process_cpu(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        **kw,
-    )
-
-
-def _fit_and_predict(trainer: Trainer, eval_dataset: torch.utils.data.Dataset, output_dir: Path) -> np.ndarray:
-    """Train, write the log history, and return the predicted class of every evaluation item."""
-    trainer.train()
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return np.argmax(trainer.predict(eval_dataset).predictions, axis=-1)
-
-
-def train_linear_probe(
-    train_embeddings: np.ndarray,
-    train_labels: np.ndarray,
-    eval_embeddings: np.ndarray,
-    eval_labels: np.ndarray,
-    num_labels: int,
-    output_dir: str | Path,
-    epochs: float = MODE_DEFAULTS["probe"][0],
-    learning_rate: float = MODE_DEFAULTS["probe"][1],
-    batch_size: int = MODE_DEFAULTS["probe"][2],
-    seed: int = 0,
-) -> np.ndarray:
-    """
-    Train a [`LinearProbeHead`] with `Trainer` (evaluated on the eval set every epoch, for the curve only).
-
-    Returns:
-        `(num_eval,)` predicted class indices of the eval embeddings after the last epoch.
-    """
-    set_seed(seed)
-    mean, std = train_embeddings.mean(axis=0), train_embeddings.std(axis=0)
-    head = LinearProbeHead(mean, std, num_labels)
-    eval_dataset = _EmbeddingDataset(eval_embeddings, eval_labels)
-    args = _training_arguments(Path(output_dir), epochs, learning_rate, batch_size, seed, large_eval_batches=True)
-    trainer = Trainer(
-        model=head,
-        args=args,
-        train_dataset=_EmbeddingDataset(train_embeddings, train_labels),
-        eval_dataset=eval_dataset,
-        compute_metrics=_accuracy,
-    )
-    # The head is tiny: on the CPU, intra-op threads only add synchronisation (several times slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _fit_and_predict(trainer, eval_dataset, Path(output_dir))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def knn_predict(
-    train_embeddings: np.ndarray, train_labels: np.ndarray, query_embeddings: np.ndarray, k: int = 10
-) -> np.ndarray:
-    """
-    k-NN classification by cosine similarity of L2-normalised embeddings.
-
-    Each query takes the majority class of its `k` most similar training clips; ties between classes go to the
-    class with the larger summed similarity.
-    """
-    train = train_embeddings / np.linalg.norm(train_embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    query = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    k = min(k, len(train))
-    similarity = query @ train.T
-    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-    nearest_similarity = np.take_along_axis(similarity, nearest, axis=1)
-    num_labels = int(train_labels.max()) + 1
-    votes = np.zeros((len(query), num_labels))
-    summed = np.zeros((len(query), num_labels))
-    rows = np.repeat(np.arange(len(query)), k)
-    np.add.at(votes, (rows, train_labels[nearest].ravel()), 1.0)
-    np.add.at(summed, (rows, train_labels[nearest].ravel()), nearest_similarity.ravel())
-    # Summed similarity lies in [-k, k], so shifted by k and divided by 2k + 1 it is below one vote.
-    return np.argmax(votes + (summed + k) / (2 * k + 1), axis=1)
 
 
 # ------------------------------------------------------------------------------------------------------ protocol
@@ -719,7 +238,7 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
     cache_dir = None
     if options.mode == "probe":
         cache_dir = _writable_folder(Path(options.cache_dir or _default_cache_dir()).expanduser(), "--cache-dir")
-    state = PartialState(cpu=_multi_process_cpu())
+    state = PartialState(cpu=multi_process_cpu())
     clips = load_audio_clips(options.dataset)
     folds = _check_folds(options, clips)
     default_epochs, default_learning_rate, default_batch_size = MODE_DEFAULTS[options.mode]
@@ -746,7 +265,7 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
         embedding_seconds = time.perf_counter() - embed_started
         del model
     else:
-        _model_config(options.model)  # a bad --model is reported before the clips are read
+        read_model_config(options.model)  # a bad --model is reported before the clips are read
         skipped = _usable_clips(clips, progress=state.is_local_main_process)
     usable = np.ones(len(clips), dtype=bool)
     usable[list(skipped)] = False
@@ -778,7 +297,19 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
                 seed=options.seed,
             )
         else:
-            predicted = _finetune_fold(options, clips, train, test, fold_dir, epochs, learning_rate, batch_size)
+            predicted = finetune_classifier(
+                options.model,
+                clips,
+                train,
+                test,
+                fold_dir,
+                epochs=epochs,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                seed=options.seed,
+                freeze_encoder=options.freeze_encoder,
+                trust_remote_code=options.trust_remote_code,
+            )
         predictions[test] = predicted
         accuracies[fold] = float((predicted == clips.labels[test]).mean())
         if state.is_main_process:
@@ -814,36 +345,6 @@ def run_protocol(options: ProbeOptions) -> dict[str, Any]:
         _write_results(output_dir, metrics, clips, predictions, folds)
     state.wait_for_everyone()
     return metrics
-
-
-def _finetune_fold(
-    options: ProbeOptions,
-    clips: AudioClips,
-    train: np.ndarray,
-    test: np.ndarray,
-    fold_dir: Path,
-    epochs: float,
-    learning_rate: float,
-    batch_size: int,
-) -> np.ndarray:
-    """Fine-tune a fresh classifier on the training folds with `Trainer`; predict the held-out fold."""
-    set_seed(options.seed)
-    model, feature_extractor = load_encoder(options.model, options.trust_remote_code, clips.label_names)
-    if options.freeze_encoder:
-        if not hasattr(model, "freeze_encoder"):
-            raise LinearProbeError(f"{type(model).__name__} has no freeze_encoder(); drop --freeze-encoder.")
-        model.freeze_encoder()
-    eval_dataset = _WaveformDataset(clips, test)
-    trainer = Trainer(
-        model=model,
-        args=_training_arguments(fold_dir, epochs, learning_rate, batch_size, options.seed),
-        train_dataset=_WaveformDataset(clips, train),
-        eval_dataset=eval_dataset,
-        data_collator=_WaveformCollator(feature_extractor),
-        processing_class=feature_extractor,
-        compute_metrics=_accuracy,
-    )
-    return _fit_and_predict(trainer, eval_dataset, fold_dir)
 
 
 def _write_results(

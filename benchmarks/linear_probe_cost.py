@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> float:
     import torch
     import transformers
     from dasheng_hf import DashengConfig, DashengModel
-    from dasheng_hf.linear_probe import ProbeOptions, embed_clips, load_audio_clips, load_encoder, run_protocol
+    from dasheng_hf.linear_probe import ProbeOptions, load_audio_clips, run_protocol
+    from dasheng_hf.probe_embeddings import embed_clips, load_encoder
 
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as workdir:

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from dasheng_hf import DashengConfig, DashengModel, linear_probe
+from dasheng_hf import DashengConfig, DashengModel, linear_probe, probe_embeddings
 from dasheng_hf.audio_data import decode_audio
-from dasheng_hf.linear_probe import knn_predict, load_audio_clips, main
+from dasheng_hf.linear_probe import load_audio_clips, main
+from dasheng_hf.probe_embeddings import LinearProbeError
+from dasheng_hf.probe_heads import knn_predict
 from helpers import fsdd_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +55,15 @@ def dasheng_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("dasheng-2-layers")
     DashengModel(DashengConfig(num_hidden_layers=2)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dasheng_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 64-wide 2-layer Dasheng: cheap to fine-tune on a CPU."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-dasheng")
+    DashengModel(DashengConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(folder)
     return folder
 
 
@@ -105,12 +116,12 @@ def test_five_fold_probe_writes_metrics_and_second_run_uses_cache(esc50_dir, das
     def no_embedding(*args, **kwargs):
         raise AssertionError("the second run embedded the clips again instead of reading the cache")
 
-    original = linear_probe.embed_clips
-    linear_probe.embed_clips = no_embedding
+    original = probe_embeddings.embed_clips
+    probe_embeddings.embed_clips = no_embedding
     try:
         main([*arguments, "--output-dir", str(tmp_path / "second")])
     finally:
-        linear_probe.embed_clips = original
+        probe_embeddings.embed_clips = original
     second = read_metrics(tmp_path / "second")
     assert second["embeddings_from_cache"] is True
     assert second["fold_accuracies"] == metrics["fold_accuracies"]  # seeded: the same result
@@ -138,10 +149,10 @@ def test_knn_votes_by_majority_and_breaks_ties_by_summed_similarity():
     assert knn_predict(train, np.array([2, 0, 0]), np.array([[-1.0, 0.5]]), k=3).tolist() == [0]
 
 
-def test_finetune_mode_trains_a_classifier_with_trainer(esc50_dir, dasheng_dir, tmp_path):
+def test_finetune_mode_trains_a_classifier_with_trainer(esc50_dir, tiny_dasheng_dir, tmp_path):
     output = tmp_path / "finetune"
-    main(["--model", str(dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(output)] + [
-        "--mode", "finetune", "--freeze-encoder", "--folds", "1", "--epochs", "4", "--learning-rate", "1e-2"
+    main(["--model", str(tiny_dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(output)] + [
+        "--mode", "finetune", "--freeze-encoder", "--folds", "1", "--epochs", "4", "--learning-rate", "5e-2"
     ])  # fmt: skip
     metrics = read_metrics(output)
     assert metrics["method"] == "finetune" and metrics["embeddings_from_cache"] is None
@@ -150,11 +161,11 @@ def test_finetune_mode_trains_a_classifier_with_trainer(esc50_dir, dasheng_dir, 
     assert [entry["epoch"] for entry in history if "eval_accuracy" in entry] == [1, 2, 3, 4]
 
 
-def test_finetune_mode_trains_end_to_end(esc50_dir, dasheng_dir, tmp_path):
+def test_finetune_mode_trains_end_to_end(esc50_dir, tiny_dasheng_dir, tmp_path):
     """The whole model trains (encoder not frozen) and learns well above chance (0.1) in a few epochs."""
     output = tmp_path / "finetune-all"
-    main(["--model", str(dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(output)] + [
-        "--mode", "finetune", "--folds", "1", "--epochs", "3", "--learning-rate", "3e-4"
+    main(["--model", str(tiny_dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(output)] + [
+        "--mode", "finetune", "--folds", "1", "--epochs", "3", "--learning-rate", "1e-3"
     ])  # fmt: skip
     metrics = read_metrics(output)
     assert metrics["method"] == "finetune" and metrics["accuracy_mean"] >= 0.3, metrics
@@ -264,14 +275,6 @@ def test_notebook_runs_headless_and_draws_its_figures(esc50_dir, dasheng_dir, ca
 # ------------------------------------------------------------------------------------ bad inputs (issue 10)
 
 
-@pytest.fixture(scope="module")
-def tiny_dasheng_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-dasheng")
-    DashengModel(DashengConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(folder)
-    return folder
-
-
 def small_esc50(root: Path, extra_rows=(), bom=False) -> Path:
     """40 FSDD clips in the ESC-50 layout (folds 1 and 2), plus `extra_rows` (filename, fold, target) of the test."""
     make_esc50_layout(root, takes=range(2))
@@ -344,7 +347,7 @@ def test_options_and_output_paths_are_checked_before_any_work(
         raise AssertionError("the clips were read or embedded before the options were checked")
 
     monkeypatch.setattr(linear_probe, "load_audio_clips", no_work)
-    monkeypatch.setattr(linear_probe, "embed_clips", no_work)
+    monkeypatch.setattr(probe_embeddings, "embed_clips", no_work)
     arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(esc50_dir), "--output-dir", str(tmp_path / "o")]
     for flag, value in [("--embedding-batch-size", "0"), ("--epochs", "0"), ("--learning-rate", "-1")]:
         assert f"{flag} must be a positive number" in fails([*arguments, flag, value], capsys)
@@ -399,14 +402,14 @@ def test_huge_samples_give_finite_embeddings_or_an_error_naming_the_file(tiny_da
 def test_non_finite_embeddings_are_an_error_naming_the_file(tiny_dasheng_dir, tmp_path, capsys, monkeypatch):
     root = small_esc50(tmp_path / "esc50", [("marked.wav", 1, 3)])
     soundfile.write(root / "audio" / "marked.wav", np.full(8000, 0.125, dtype=np.float32), 8000)
-    original = linear_probe._pooled_embeddings
+    original = probe_embeddings._pooled_embeddings
 
     def nan_for_the_marked_clip(model, feature_extractor, waveforms, device):
         pooled = original(model, feature_extractor, waveforms, device)
         marked = torch.tensor([bool(np.isclose(np.median(waveform), 0.125, atol=1e-3)) for waveform in waveforms])
         return torch.where(marked[:, None], torch.nan, pooled)
 
-    monkeypatch.setattr(linear_probe, "_pooled_embeddings", nan_for_the_marked_clip)
+    monkeypatch.setattr(probe_embeddings, "_pooled_embeddings", nan_for_the_marked_clip)
     arguments = ["--model", str(tiny_dasheng_dir), "--dataset", str(root), "--cache-dir", str(tmp_path / "cache")]
     error = fails([*arguments, "--output-dir", str(tmp_path / "o"), "--knn"], capsys)
     assert "esc50.csv row 42 (marked.wav): its embedding is not finite" in error
@@ -426,5 +429,5 @@ def test_hub_datasets_decode_through_the_shared_loader(monkeypatch):
     assert np.array_equal(clips.waveform(4), decode_audio(files[4]))
     bad = local.remove_columns("fold").add_column("fold", ["1", "x", "1", "2", "1", "2"])
     monkeypatch.setattr(datasets, "load_dataset", lambda source, split: bad)
-    with pytest.raises(linear_probe.LinearProbeError, match=r"\[1\].*fold 'x' is not an integer"):
+    with pytest.raises(LinearProbeError, match=r"\[1\].*fold 'x' is not an integer"):
         load_audio_clips("someone/esc50-like")
