@@ -150,25 +150,31 @@ def compare_mixed_batches(size: str, repeats: int, revision: str) -> None:
         print(" | ".join(f"{cell:>20}" for cell in cells))
 
 
+# Peak resident memory from VmHWM (this process's own high-water mark): ru_maxrss would also count the parent's memory
+# at fork time, which Linux carries across exec.
 HOUR_SCRIPT = """
-import resource, sys, time, torch
+import sys, time, torch
 from dasheng_hf import DashengConfig, DashengFeatureExtractor, DashengModel
+def peak_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 hidden, layers, heads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 model = DashengModel(DashengConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads)).eval()
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+baseline = peak_bytes()
 waveform = 0.1 * torch.randn(3600 * 16000)
 start = time.perf_counter()
 with torch.inference_mode():
     inputs = DashengFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
     outputs = model(**inputs)
 elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(tuple(outputs.last_hidden_state.shape), f"{elapsed:.1f}", peak / 2**20, baseline / 2**20)
+peak = peak_bytes()
+print(tuple(outputs.last_hidden_state.shape), f"{elapsed:.1f}", peak / 2**30, baseline / 2**30)
 """
 
 
 def hour_memory(size: str) -> None:
-    """Peak resident memory of a fresh process that encodes one hour of audio (ru_maxrss, includes the weights)."""
+    """Peak resident memory of a fresh process that encodes one hour of audio (VmHWM, includes the weights)."""
     result = subprocess.run(
         [sys.executable, "-c", HOUR_SCRIPT, *map(str, SIZES[size])], capture_output=True, text=True, check=True
     )
