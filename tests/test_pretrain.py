@@ -150,16 +150,20 @@ def test_two_processes_under_torchrun(shards, tmp_path):
     with socket.socket() as probe:  # a free port, so parallel runs do not collide
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
+    logs = tmp_path / "logs"  # each rank's stdout and stderr in files of their own
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += ["--log-dir", str(logs), "--redirects", "3"]
     command += ["-m", "dasheng_hf.pretrain", *_args(shards, output_dir, 40, "--eval_data", eval_shard)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
+    ranks = ["".join(path.read_text() for path in sorted(logs.glob(f"**/attempt_*/{rank}/*.log"))) for rank in (0, 1)]
+    output = result.stdout + result.stderr + "".join(ranks)
     assert result.returncode == 0, output[-4000:]
     _assert_loss_falls(_losses(output_dir))
     evaluation = [entry for entry in _history(output_dir) if "eval_loss" in entry]
     assert evaluation and evaluation[-1]["eval_crops"] == 50  # each crop of the eval shard read once, by one process
-    assert output.count("***** Running training *****") == 1  # the second process logs nothing of its own
+    assert ranks[0].count("***** Running training *****") == 1
+    assert "Running training" not in ranks[1]  # the second process logs nothing of its own
     assert output.count("8-bit AdamW") <= 1
     assert (output_dir / "encoder" / "model.safetensors").is_file()
 
