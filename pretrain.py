@@ -537,6 +537,8 @@ def _setup_logging(training_args: DashengPretrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    # Transformers' records have their own handler; with `CI` set it also propagates them to the root one.
+    transformers.utils.logging.disable_propagation()
     logging.getLogger("dasheng_hf").setLevel(level)
     logging.getLogger("dasheng_hf.audio_data").setLevel(min(level, logging.WARNING))
     note = getattr(training_args, "_optim_note", None)
