@@ -92,4 +92,21 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
+# The first Hub port's preprocessor_config.json (return_attention_mask false: it had no mask).
+LEGACY_PREPROCESSOR_CONFIG = {
+    "center": True,
+    "f_max": 8000,
+    "f_min": 0,
+    "feature_extractor_type": "DashengFeatureExtractor",
+    "feature_size": 64,
+    "hop_size": 160,
+    "n_fft": 512,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": False,
+    "sampling_rate": 16000,
+    "win_size": 512,
+}
+
+
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {"annotations", "glob", "os"}]

@@ -10,23 +10,7 @@ import pytest
 import torch
 from dasheng_hf import DashengConfig, DashengFeatureExtractor
 from dasheng_hf.feature_extraction_dasheng import front_end_mismatches
-from helpers import concatenated_fsdd, fsdd_clip, make_reference_encoder, max_abs_diff
-
-# The Hub's preprocessor_config.json of the first port (return_attention_mask false: it had no mask).
-HUB_PREPROCESSOR_CONFIG = {
-    "center": True,
-    "f_max": 8000,
-    "f_min": 0,
-    "feature_extractor_type": "DashengFeatureExtractor",
-    "feature_size": 64,
-    "hop_size": 160,
-    "n_fft": 512,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": False,
-    "sampling_rate": 16000,
-    "win_size": 512,
-}
+from helpers import LEGACY_PREPROCESSOR_CONFIG, concatenated_fsdd, fsdd_clip, make_reference_encoder, max_abs_diff
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +80,7 @@ def test_returns_tensors_by_default_like_the_first_port(feature_extractor):
 
 
 def test_reads_hub_preprocessor_config(tmp_path, feature_extractor):
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR_CONFIG))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(LEGACY_PREPROCESSOR_CONFIG))
     loaded = DashengFeatureExtractor.from_pretrained(tmp_path)
     assert (loaded.hop_size, loaded.win_size, loaded.n_fft, loaded.top_db) == (160, 512, 512, 120.0)
     clips = [fsdd_clip(7), fsdd_clip(8)[:2000]]
@@ -178,10 +162,10 @@ def test_bad_settings_raise(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         DashengFeatureExtractor(**settings)
     # The same through a preprocessor_config.json (the Hub's, with one value changed) and through overrides.
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**HUB_PREPROCESSOR_CONFIG, **settings}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**LEGACY_PREPROCESSOR_CONFIG, **settings}))
     with pytest.raises(ValueError, match=message):
         DashengFeatureExtractor.from_pretrained(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR_CONFIG))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(LEGACY_PREPROCESSOR_CONFIG))
     with pytest.raises(ValueError, match=message):
         DashengFeatureExtractor.from_pretrained(tmp_path, **settings)
 
@@ -393,7 +377,7 @@ def test_first_port_notebook_flow(tmp_path):
     from transformers import AutoFeatureExtractor, DataCollatorWithPadding
 
     (tmp_path / "legacy").mkdir()
-    (tmp_path / "legacy" / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR_CONFIG))
+    (tmp_path / "legacy" / "preprocessor_config.json").write_text(json.dumps(LEGACY_PREPROCESSOR_CONFIG))
     DashengFeatureExtractor().save_pretrained(tmp_path / "new")
     audio = [fsdd_clip(22).numpy(), np.tile(fsdd_clip(23).numpy(), 8)[:80000]]  # one clip under 1 s, one of 5 s
     for folder in ("legacy", "new"):

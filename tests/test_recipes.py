@@ -22,7 +22,7 @@ import pytest
 import torch
 from dasheng_hf import DashengModel
 from dasheng_hf.convert_checkpoint import main as convert
-from helpers import fsdd_files, hf_state_dict, make_reference_encoder, tiny_config
+from helpers import LEGACY_PREPROCESSOR_CONFIG, fsdd_files, hf_state_dict, make_reference_encoder, tiny_config
 from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
@@ -34,20 +34,6 @@ from transformers import (
 )
 
 DIGITS = ["zero", "one", "two"]
-LEGACY_PREPROCESSOR_CONFIG = {  # the first port's preprocessor_config.json on the Hub
-    "center": True,
-    "f_max": 8000,
-    "f_min": 0,
-    "feature_extractor_type": "DashengFeatureExtractor",
-    "feature_size": 64,
-    "hop_size": 160,
-    "n_fft": 512,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": False,
-    "sampling_rate": 16000,
-    "win_size": 512,
-}
 
 
 def digit_files(takes: range) -> list[tuple[str, int]]:
