@@ -179,9 +179,13 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = scores.softmax(dim=-1)  # PyTorch's softmax kernels accumulate bf16/fp16 inputs in float32
     output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _is_cpu_mixed_precision_training(query: torch.Tensor) -> bool:
+    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and query.requires_grad
 
 
 class DashengSelfAttention(nn.Module):
@@ -190,6 +194,9 @@ class DashengSelfAttention(nn.Module):
 
     The kernel is `config._attn_implementation` through Transformers' `ALL_ATTENTION_FUNCTIONS` (`eager`, `sdpa`,
     `flex_attention`, `flash_attention_2/3`, Hub kernels), switchable with `model.set_attn_implementation(...)`.
+    One exception: `sdpa` on CPU with bf16/fp16 inputs that need gradients (mixed-precision training) runs the eager
+    kernel: PyTorch's CPU flash-attention backward is 1.2-4x slower at Dasheng's sequence lengths
+    (`benchmarks/pretrain_speed.py`).
     """
 
     def __init__(self, config: DashengConfig):
@@ -228,8 +235,9 @@ class DashengSelfAttention(nn.Module):
             context = self._attend_by_length(qkv, sequences)
         return self.proj_drop(self.proj(context.reshape(hidden_states.shape)))
 
-    def _attention_function(self):
-        if self.config._attn_implementation == "eager":
+    def _attention_function(self, query: torch.Tensor):
+        implementation = self.config._attn_implementation
+        if implementation == "eager" or (implementation == "sdpa" and _is_cpu_mixed_precision_training(query)):
             return eager_attention_forward
         if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # Transformers 5
             return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -242,7 +250,7 @@ class DashengSelfAttention(nn.Module):
 
     def _attend_by_length(self, qkv: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
         """One batched call per run of equal-length sequences: no padding, no mask."""
-        attention, dropout = self._attention_function(), self.attn_drop.p if self.training else 0.0
+        attention, dropout = self._attention_function(qkv), self.attn_drop.p if self.training else 0.0
         outputs, offset = [], 0
         for _, count, length in sequences.groups:
             query, key, value = self._split_heads(qkv[offset : offset + count * length], count, length)
@@ -256,7 +264,7 @@ class DashengSelfAttention(nn.Module):
         query, key, value = self._split_heads(qkv, 1, qkv.shape[0])
         cu_seqlens = sequences.cu_seqlens(qkv.device)
         longest = max(sequences.lengths)
-        output, _ = self._attention_function()(
+        output, _ = self._attention_function(query)(
             self,
             query,
             key,

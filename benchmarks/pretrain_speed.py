@@ -9,6 +9,11 @@ computation inside the step as well. Steps of the two models alternate and the m
 same machine load; CPU seconds per step are reported beside wall time. Peak memory is the growth of the resident
 set during one step, each model in a fresh process.
 
+The `products` row is a floor no implementation of the same model can beat: every matrix product of one step of
+ours (`mm`, `addmm`, `bmm`: the linear layers forward and backward, and attention), recorded with their shapes,
+strides and dtypes and replayed alone on random tensors. Its ratio is the most any implementation could gain over the
+original on this machine without doing less arithmetic.
+
     python benchmarks/pretrain_speed.py [--size base] [--batch 8] [--seconds 10] [--steps 3] [--threads 2]
 
 Targets (issue 8): ours at least 1.0x the original in float32 and at least 1.5x under bf16 autocast (CPU, 2 threads).
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import torch
 from dasheng_hf import DashengConfig, DashengFeatureExtractor, DashengForPreTraining
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["main"]
 
@@ -114,6 +120,45 @@ def time_interleaved(steps: dict[str, Callable[[], float]], repeats: int) -> dic
     return {name: (statistics.median(wall), statistics.median(cpu)) for name, (wall, cpu) in times.items()}
 
 
+class _RecordProducts(TorchDispatchMode):
+    """Records the shape, strides and dtype of the operands of every matrix product that runs under it."""
+
+    OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            operands = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, operands, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def matrix_products_of(step: Callable[[], float]) -> Callable[[], float]:
+    """A function that runs the matrix products of one call of `step` alone, on random operands of the same layout."""
+    recorder = _RecordProducts()
+    with recorder:
+        step()
+    calls = [(func, [_random_like(operand) for operand in operands], kw) for func, operands, kw in recorder.calls]
+
+    def replay() -> float:
+        for func, tensors, kwargs in calls:
+            func(*tensors, **kwargs)
+        return 0.0
+
+    return replay
+
+
+def _random_like(operand):
+    if not isinstance(operand, tuple):
+        return operand
+    shape, stride, dtype = operand
+    storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+    return torch.randn(storage, dtype=dtype).as_strided(shape, stride)
+
+
 def resident_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -162,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     columns = ("precision", "model", "steps/s", "ratio", "CPU s/step", "ratio", "peak memory")
     print(" | ".join(f"{column:>11}" for column in columns))
     for bf16 in (False, True):
-        seconds = time_interleaved(make_steps(reference, model, waveforms, bf16), args.steps)
+        steps = make_steps(reference, model, waveforms, bf16)
+        steps["products"] = matrix_products_of(steps["ours"])
+        seconds = time_interleaved(steps, args.steps)
         memory = {}
         if not args.skip_memory:
             for which in ("original", "ours"):

@@ -135,6 +135,53 @@ def test_set_attn_implementation_switches_the_running_model(tiny_pair, feature_e
     assert calls[4:] == calls[:4]
 
 
+def test_sdpa_runs_eager_kernel_for_cpu_mixed_precision_training(tiny_pair, feature_extractor, monkeypatch):
+    """
+    `sdpa` on CPU with bf16 inputs that need gradients runs the eager kernel (faster there); in float32, or without
+    gradients, SDPA runs. Gradients agree with SDPA's.
+    """
+    import dasheng_hf.modeling_dasheng_layers as layers
+
+    model = DashengModel(tiny_config(attn_implementation="sdpa")).train()
+    model.load_state_dict(tiny_pair[1].state_dict())
+    inputs = feature_extractor(mixed_clips()[:2], sampling_rate=16000, return_tensors="pt")
+    eager_calls, sdpa_calls = [], []
+    eager, sdpa = layers.eager_attention_forward, ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def counting_eager(module, query, *args, **kwargs):
+        eager_calls.append(query.dtype)
+        return eager(module, query, *args, **kwargs)
+
+    def counting_sdpa(module, query, *args, **kwargs):
+        sdpa_calls.append(query.dtype)
+        return sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "eager_attention_forward", counting_eager)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting_sdpa)
+
+    def gradients(autocast: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(**inputs).pooler_output.float().square().sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs)
+    assert sdpa_calls and set(sdpa_calls) == {torch.bfloat16} and not eager_calls
+    sdpa_calls.clear()
+    gradients(autocast=False)
+    assert sdpa_calls and set(sdpa_calls) == {torch.float32} and not eager_calls
+    sdpa_calls.clear()
+    eager_gradients = gradients(autocast=True)
+    assert eager_calls and set(eager_calls) == {torch.bfloat16} and not sdpa_calls
+    monkeypatch.setattr(layers, "_is_cpu_mixed_precision_training", lambda query: False)
+    sdpa_gradients = gradients(autocast=True)
+    assert sdpa_calls and set(sdpa_calls) == {torch.bfloat16}
+    for name, grad in eager_gradients.items():
+        scale = sdpa_gradients[name].abs().max().clamp_min(1e-6)
+        assert max_abs_diff(grad, sdpa_gradients[name]) / scale <= 0.05, name
+
+
 def test_variable_length_entry_gets_cu_seqlens(tiny_pair, feature_extractor):
     """FlashAttention backends get all chunks in one call with `cu_seqlens`; emulated here with SDPA per sequence."""
     _, model = tiny_pair
