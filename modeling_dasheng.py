@@ -82,10 +82,13 @@ class DashengSpectrogramBatchNorm(nn.BatchNorm2d):
         super().__init__(config.num_mel_bins, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
         self.use_batch_statistics = config.use_batch_statistics
 
-    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+    def forward(self, spectrogram: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`frame_mask` `(batch, frames)`, True for real frames: padded frames never enter batch statistics."""
         if self.training and self.use_batch_statistics and self.weight.requires_grad:
             # The original's training behaviour: normalise by, and update, batch statistics (not when frozen).
-            return super().forward(spectrogram.to(self.weight.dtype))
+            if frame_mask is None or bool(frame_mask.all()):
+                return super().forward(spectrogram.to(self.weight.dtype))
+            return self._normalise_by_real_frames(spectrogram.to(self.weight.dtype), frame_mask)
         # Running statistics, in float32 whatever the weights' dtype: dB values span about 120 dB.
         return F.batch_norm(
             spectrogram.float(),
@@ -96,6 +99,22 @@ class DashengSpectrogramBatchNorm(nn.BatchNorm2d):
             training=False,
             eps=self.eps,
         )
+
+    def _normalise_by_real_frames(self, spectrogram: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """BatchNorm2d's training step with mean and variance over the real frames only."""
+        real = frame_mask[:, None, None, :].to(spectrogram.dtype)
+        count = real.sum()
+        mean = (spectrogram * real).sum(dim=(0, 2, 3)) / count
+        centred = spectrogram - mean[None, :, None, None]
+        variance = (centred.square() * real).sum(dim=(0, 2, 3)) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            unbiased = variance * count / (count - 1).clamp(min=1)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        scale = self.weight * torch.rsqrt(variance + self.eps)
+        return centred * scale[None, :, None, None] + self.bias[None, :, None, None]
 
 
 class DashengPatchEmbeddings(nn.Module):
@@ -132,9 +151,14 @@ class DashengEncoder(nn.Module):
         self.blocks = nn.ModuleList(DashengLayer(config, rate) for rate in drop_path_rates)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def embed(self, input_values: torch.Tensor) -> torch.Tensor:
-        """Log-mel `(batch, mel bins, frames)` to tokens `(batch, num_tokens, hidden_size)` with positions."""
-        tokens = self.patch_embed(self.init_bn(input_values))
+    def embed(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Log-mel `(batch, mel bins, frames)` to tokens `(batch, num_tokens, hidden_size)` with positions;
+        `attention_mask` `(batch, frames)` keeps padded frames out of BatchNorm's batch statistics in training.
+        """
+        to_4d, batch_norm, to_3d = self.init_bn
+        frame_mask = None if attention_mask is None else attention_mask.bool()
+        tokens = self.patch_embed(to_3d(batch_norm(to_4d(input_values), frame_mask)))
         tokens = tokens.to(torch.promote_types(tokens.dtype, self.time_pos_embed.dtype))  # fp32 under autocast
         # Positions restart at every chunk: token i has time position i % chunk_num_tokens.
         positions = torch.arange(tokens.shape[1], device=tokens.device) % self.chunk_num_tokens
@@ -160,7 +184,7 @@ class DashengEncoder(nn.Module):
             and `attentions` when asked, else None.
         """
         input_values, attention_mask = self.check_inputs(input_values, attention_mask)
-        tokens = self.pos_drop(self.embed(input_values))
+        tokens = self.pos_drop(self.embed(input_values, attention_mask))
         batch, num_tokens, _ = tokens.shape
         valid_tokens = (
             [num_tokens] * batch if attention_mask is None else self.num_valid_tokens(attention_mask).tolist()

@@ -239,7 +239,7 @@ class DashengForPreTraining(DashengPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_values, attention_mask = self.encoder.check_inputs(input_values, attention_mask)
-        tokens = self.encoder.embed(input_values)
+        tokens = self.encoder.embed(input_values, attention_mask)
         batch, num_tokens, width = tokens.shape
         if attention_mask is None:
             num_valid = torch.full((batch,), num_tokens, device=tokens.device)

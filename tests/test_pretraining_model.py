@@ -217,6 +217,42 @@ def test_padded_batch_equals_clips_alone(mae_pair):
     assert abs(float(outputs.loss) - total_error / total_removed) <= TOLERANCE
 
 
+def test_batch_statistics_come_from_real_frames(mae_pair):
+    """
+    In training with batch statistics (as pretraining runs), BatchNorm's mean and variance come from the real frames
+    alone: they equal BatchNorm2d's over the real frames laid end to end, and padded frames change nothing.
+    """
+    _, trained = mae_pair
+    model = DashengForPreTraining(pretraining_config(use_batch_statistics=True)).train()
+    model.load_state_dict(trained.state_dict())
+    clips = [concatenated_fsdd(n, start=s) for n, s in ((TEN_SECONDS, 0), (68800, 20))]
+    batch = DashengFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt")
+    real = batch.attention_mask.bool()
+    noise = torch.rand(2, 125, generator=torch.Generator().manual_seed(3))
+    bn = model.encoder.init_bn[1]
+    start = {name: tensor.clone() for name, tensor in bn.state_dict().items()}
+
+    def step(input_values):
+        bn.load_state_dict(start)
+        loss = model(input_values, batch.attention_mask, noise=noise).loss.detach()
+        return loss, {name: tensor.clone() for name, tensor in bn.state_dict().items()}
+
+    loss, statistics = step(batch.input_values)
+    loss_garbage, statistics_garbage = step(torch.where(real[:, None, :], batch.input_values, 1e4))
+    assert abs(float(loss) - float(loss_garbage)) <= 1e-6
+    for name, tensor in statistics.items():
+        assert torch.allclose(tensor, statistics_garbage[name], rtol=0, atol=1e-6), name
+
+    expected = torch.nn.BatchNorm2d(64, eps=bn.eps, momentum=bn.momentum)
+    expected.load_state_dict(start)
+    end_to_end = torch.cat([clip[:, mask] for clip, mask in zip(batch.input_values, real)], dim=1)
+    expected(end_to_end[None, :, None, :])
+    assert int(statistics["num_batches_tracked"]) == int(start["num_batches_tracked"]) + 1
+    assert max_abs_diff(statistics["running_mean"], expected.running_mean) <= 1e-4
+    assert max_abs_diff(statistics["running_var"], expected.running_var) <= 1e-3
+    assert not torch.allclose(statistics["running_mean"], start["running_mean"])
+
+
 def test_long_input_is_chunked(mae_pair):
     """Inputs longer than 252 tokens: each chunk is masked, encoded and decoded as a sequence of its own."""
     _, model = mae_pair
