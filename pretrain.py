@@ -14,11 +14,9 @@ exported as a ready-to-use Hub folder under `OUTPUT_DIR/encoder` at the end (and
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,25 +26,23 @@ import numpy as np
 import torch
 import transformers
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .audio_data import DashengAudioDataset, DashengAudioError, per_process_dataloader
 from .configuration_dasheng import DashengConfig
 from .feature_extraction_dasheng import DashengFeatureExtractor
-from .modeling_dasheng import DashengModel
 from .modeling_dasheng_pretraining import DashengForPreTraining
+from .pretrain_export import DashengEncoderExportCallback, export_encoder, last_logged
 
 __all__ = [
     "DashengDataArguments",
-    "DashengEncoderExportCallback",
     "DashengModelArguments",
     "DashengPretrainer",
     "DashengPretrainingArguments",
     "DashengPretrainingCollator",
     "DashengPretrainingError",
     "build_model",
-    "export_encoder",
     "main",
     "parse_config_overrides",
     "parse_gain",
@@ -419,105 +415,6 @@ class DashengPretrainer(Trainer):
         return int(count)
 
 
-class DashengEncoderExportCallback(TrainerCallback):
-    """Exports the encoder to `OUTPUT_DIR/encoder` every `every` optimizer steps (see [`export_encoder`])."""
-
-    def __init__(self, trainer: DashengPretrainer, every: int, card: dict[str, Any]):
-        self.trainer, self.every, self.card = trainer, every, card
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            export_encoder(self.trainer, Path(args.output_dir) / "encoder", self.card)
-
-
-def _last_logged(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, int | None]:
-    for entry in reversed(log_history):
-        if key in entry:
-            return entry[key], entry.get("step")
-    return None, None
-
-
-def export_encoder(trainer: DashengPretrainer, folder: Path, card: dict[str, Any]) -> None:
-    """
-    Write the trained encoder as a `DashengModel` Hub folder: weights, config, preprocessor config, the code files
-    and a model card. Called on every process (sharded weights are gathered); process 0 writes into a temporary
-    folder beside `folder` and renames it into place, so `folder` is always a complete export.
-    """
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    skipped = trainer.num_skipped_files()
-    if not trainer.is_world_process_zero():
-        return
-    config = copy.deepcopy(trainer.model.config)
-    config.architectures = ["DashengModel"]
-    config.use_batch_statistics = False  # inference and fine-tuning use the running statistics
-    encoder_state = {key: value.detach().cpu() for key, value in state_dict.items() if key.startswith("encoder.")}
-    with torch.device("meta"):
-        encoder = DashengModel(config)
-    encoder.load_state_dict(encoder_state, strict=True, assign=True)
-    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    try:
-        trainer.processing_class.save_pretrained(partial)
-        encoder.save_pretrained(partial)
-        (partial / "README.md").write_text(_model_card(trainer, {**card, "skipped": skipped}))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    previous = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, previous)
-    os.replace(partial, folder)
-    shutil.rmtree(previous, ignore_errors=True)
-    logger.info(f"Exported the encoder at step {trainer.state.global_step} to {folder}")
-
-
-def _model_card(trainer: DashengPretrainer, card: dict[str, Any]) -> str:
-    state, config = trainer.state, trainer.model.config
-    loss, loss_step = _last_logged(state.log_history, "loss")
-    eval_loss, eval_step = _last_logged(state.log_history, "eval_loss")
-    batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-    batch *= trainer.args.world_size
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: feature-extraction",
-        "tags: [audio, dasheng, masked-autoencoder, dasheng_hf]",
-        "---",
-        "",
-        "# Dasheng encoder, pretrained with `dasheng_hf.pretrain`",
-        "",
-        f"A Dasheng audio encoder ({config.hidden_size} hidden, {config.num_hidden_layers} layers, "
-        f"{config.num_attention_heads} heads) {card['init']}, with the masked-autoencoder objective "
-        f"(mask ratio {config.mask_ratio}).",
-        "",
-        f"- Training data: `{card['train_data']}` ({card['crop_seconds']:g} s crops)",
-        f"- Steps: {state.global_step} of {state.max_steps}, {batch} crops per step",
-        f"- Final training loss: {loss:.4f} (logged at step {loss_step})"
-        if loss is not None
-        else "- Final training loss: not logged yet",
-    ]
-    if eval_loss is not None:
-        lines.append(f"- Evaluation loss: {eval_loss:.4f} at step {eval_step} on `{card['eval_data']}`")
-    if card.get("skipped"):
-        lines.append(f"- Unreadable files skipped: {card['skipped']}")
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoFeatureExtractor, AutoModel",
-        "",
-        'feature_extractor = AutoFeatureExtractor.from_pretrained("path/to/encoder", trust_remote_code=True)',
-        'model = AutoModel.from_pretrained("path/to/encoder", trust_remote_code=True)',
-        'inputs = feature_extractor(waveform_16khz, sampling_rate=16000, return_tensors="pt")',
-        "embeddings = model(**inputs).last_hidden_state  # (batch, tokens, hidden): 25 per second",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------------- main
 
 
@@ -624,7 +521,7 @@ def run(
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    last_eval_step = _last_logged(trainer.state.log_history, "eval_loss")[1]
+    last_eval_step = last_logged(trainer.state.log_history, "eval_loss")[1]
     if eval_dataset is not None and last_eval_step != trainer.state.global_step:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
