@@ -91,6 +91,10 @@ class DashengModelArguments:
     mask_ratio: float | None = field(
         default=None, metadata={"help": "Fraction of each clip's tokens removed (default: the config's, 0.75)."}
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: sdpa (default), eager, flex_attention, flash_attention_2 (flash-attn)."},
+    )
 
 
 @dataclass
@@ -279,7 +283,7 @@ def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTrainin
             feature_extractor = DashengFeatureExtractor.from_pretrained(name)
         except OSError:  # the first Hub layout has no preprocessor config
             feature_extractor = DashengFeatureExtractor.from_dasheng_config(model.config)
-        return model, feature_extractor, f"continued from {source}"
+        return _with_attention(model, model_args), feature_extractor, f"continued from {source}"
     preset = model_args.config_name or "dasheng-base"
     try:
         if Path(preset).expanduser().is_dir() or "/" in preset:
@@ -292,7 +296,18 @@ def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTrainin
     described = f"trained from scratch ({preset}" + (
         f", {model_args.config_overrides})" if model_args.config_overrides else ")"
     )
-    return DashengForPreTraining(config), DashengFeatureExtractor.from_dasheng_config(config), described
+    model = _with_attention(DashengForPreTraining(config), model_args)
+    return model, DashengFeatureExtractor.from_dasheng_config(config), described
+
+
+def _with_attention(model: DashengForPreTraining, model_args: DashengModelArguments) -> DashengForPreTraining:
+    if model_args.attn_implementation:
+        try:
+            model.set_attn_implementation(model_args.attn_implementation)
+        except (ImportError, ValueError) as error:
+            name = model_args.attn_implementation
+            raise DashengPretrainingError(f"--attn_implementation {name!r}: {error}") from error
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------- data

@@ -196,6 +196,7 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path, caplog):
         (["--train_data", "{shards}", "--max_steps", "5", "--config_overrides", "hidden_sise=64"], "hidden_sise"),
         (["--train_data", "{shards}", "--max_steps", "5", "--gain_augmentation_db", "loud"], "gain_augmentation_db"),
         (["--train_data", "{shards}", "--max_steps", "5", "--mask_ratio", "1.5"], "mask_ratio"),
+        (["--train_data", "{shards}", "--max_steps", "5", "--attn_implementation", "fast"], "attn_implementation"),
         (["--train_data", "{shards}", "--max_steps", "5", "--no_such_flag", "1"], "--no_such_flag"),
         (["--train_data", "{shards}", "--max_steps", "five"], "--max_steps"),
     ],
@@ -257,6 +258,9 @@ def test_continue_from_encoder_folder_and_overrides(tmp_path):
     }
     with pytest.raises(DashengPretrainingError, match="either"):
         build_model(DashengModelArguments(model_name_or_path=str(folder), config_name="dasheng-base"))
+    eager, _, _ = build_model(DashengModelArguments(model_name_or_path=str(folder), attn_implementation="eager"))
+    blocks = [*eager.encoder.blocks, *eager.decoder.blocks]
+    assert {block.attn.config._attn_implementation for block in blocks} == {"eager"}
 
 
 def test_console_script():
