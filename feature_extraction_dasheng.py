@@ -28,6 +28,8 @@ _MEL_FRAMES = 1 << 12
 # Clips with a sample above this magnitude could overflow float32 power spectra (from about 2e15 at n_fft 512):
 # they are computed in float64, so that their dB values are exact; all other clips keep the float32 path.
 _FLOAT32_SAFE_PEAK = 1e12
+# dB of a frame of zero samples, `10 * log10(1e-10)`: the floor of every feature, before the top_db floor.
+_AMIN_DB = -100.0
 
 
 def htk_mel_filter_bank(
@@ -177,13 +179,18 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
 
     Clips of different lengths are padded on the right to the longest clip, after each clip's own reflect padding,
     so every clip's features equal those computed for it alone; `attention_mask` (1 = real frame) is returned
-    whenever clips were padded. [`~DashengFeatureExtractor.pad`] pads features computed clip by clip the same way,
-    so `DataCollatorWithPadding(feature_extractor)` and Trainer's default collator work.
+    whenever clips were padded. Padded frames hold each clip's silence level, the value the original front end gives
+    to zero samples appended to the clip: `max(-100, peak - top_db)` dB, `peak` the clip's maximum (-100 dB without
+    `top_db`), so a model that reads them (no mask passed) hears silence. [`~DashengFeatureExtractor.pad`] pads
+    features computed clip by clip the same way, so `DataCollatorWithPadding(feature_extractor)` and Trainer's
+    default collator work.
 
     Args:
         feature_size (`int`, *optional*, defaults to 64): Mel bands.
         sampling_rate (`int`, *optional*, defaults to 16000): Sampling rate the features expect, in Hz.
-        padding_value (`float`, *optional*, defaults to 0.0): Value of padded frames.
+        padding_value (`float`, *optional*): Value of padded frames in dB; None (the default) for each clip's silence
+            level. A first-port config (no `top_db` key) with `padding_value` 0.0, which meant zero samples there,
+            loads as None.
         n_fft (`int`, *optional*, defaults to 512): FFT size in samples.
         win_size (`int`, *optional*, defaults to 512): Hann window length in samples, at most `n_fft`.
         hop_size (`int`, *optional*, defaults to 160): Hop between frames in samples.
@@ -203,7 +210,7 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         self,
         feature_size: int = 64,
         sampling_rate: int = 16000,
-        padding_value: float = 0.0,
+        padding_value: float | None = None,
         n_fft: int = 512,
         win_size: int = 512,
         hop_size: int = 160,
@@ -232,15 +239,13 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             )
         if top_db is not None and not (_is_real(top_db) and 0 < top_db < math.inf):
             raise ValueError(f"top_db must be a positive number of dB or None, got {top_db!r}; Dasheng uses 120.")
-        if not (_is_real(padding_value) and math.isfinite(padding_value)):
-            raise ValueError(f"padding_value must be a finite number, got {padding_value!r}.")
         for name, value in (("center", center), ("return_attention_mask", return_attention_mask)):
             if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{name} must be true or false, got {value!r}.")
         super().__init__(
             feature_size=feature_size,
             sampling_rate=sampling_rate,
-            padding_value=float(padding_value),
+            padding_value=padding_value,
             return_attention_mask=bool(return_attention_mask),
             **kwargs,
         )
@@ -272,14 +277,36 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
 
     @classmethod
     def from_dict(cls, feature_extractor_dict: dict[str, Any], **kwargs: Any) -> Any:
-        """From a `preprocessor_config.json` dict; settings among `kwargs` override it, also those it lacks."""
+        """
+        From a `preprocessor_config.json` dict; settings among `kwargs` override it, also those it lacks. The first
+        port's configs (no `top_db`) padded waveforms with zeros: their `padding_value` 0.0 becomes None (silence).
+        """
+        if "top_db" not in feature_extractor_dict and feature_extractor_dict.get("padding_value") == 0.0:
+            feature_extractor_dict = {**feature_extractor_dict, "padding_value": None}
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
         return super().from_dict({**feature_extractor_dict, **overrides}, **kwargs)
 
+    @property
+    def padding_value(self) -> float:
+        """
+        dB of padded frames for code that pads features itself (Transformers' pipeline collation, which also pads the
+        mask): the fixed `padding_value`, or -100 (the lowest silence level) where each clip gets its own (None).
+        """
+        return _AMIN_DB if self._padding_value is None else self._padding_value
+
+    @padding_value.setter
+    def padding_value(self, value: float | None) -> None:
+        if value is not None and not (_is_real(value) and math.isfinite(value)):
+            raise ValueError(
+                f"padding_value must be a finite number of dB or None (each clip's silence level), got {value!r}."
+            )
+        self._padding_value = None if value is None else float(value)
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("mel_filters", None)
+        output["padding_value"] = output.pop("_padding_value")
         return output
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
@@ -334,7 +361,7 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         Returns:
             [`BatchFeature`] with `input_values` `(batch, 64, frames)` float32 log-mel in dB and, when clips were
             padded or asked for, `attention_mask` `(batch, frames)` int32 with 1 on real frames. Padded frames hold
-            `padding_value`; every clip's real frames equal those of the clip alone.
+            the clip's silence level (or `padding_value`); every clip's real frames equal those of the clip alone.
         """
         if kwargs:
             logger.warning(f"DashengFeatureExtractor ignores the arguments {sorted(kwargs)}.")
@@ -364,7 +391,7 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         features, num_frames = self.extract_fbank_features(clips, device=device)
         if target is not None and self.num_frames(target) > features.shape[-1]:
             extra = self.num_frames(target) - features.shape[-1]
-            features = torch.nn.functional.pad(features, (0, extra), value=self.padding_value)
+            features = self._fill_padding(torch.nn.functional.pad(features, (0, extra)), num_frames)
         return self._batch(features, num_frames, padding, return_attention_mask, return_tensors)
 
     def pad(
@@ -399,18 +426,20 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
         examples = _examples(processed_features, self.model_input_names[0])
         name = self.model_input_names[0]
         padding, max_length = _padding_arguments(padding, max_length, truncation, pad_to_multiple_of, "frames")
-        items, lengths = [], []
+        items, lengths, silence = [], [], []
         for index, example in enumerate(examples):
             item, length = self._feature_item(example[name], example.get("attention_mask"), index)
             items.append(item)
+            silence.append(self._silence_db(item[None], torch.tensor([length])))  # from all its real frames
             lengths.append(min(length, max_length) if truncation else length)
         if return_tensors is None:
             return_tensors = "pt" if isinstance(examples[0][name], torch.Tensor) else "np"
         target = _target_length(lengths, padding, max_length, pad_to_multiple_of, "frames")
         width = max(lengths) if target is None else target
-        features = torch.full((len(items), self.feature_size, width), self.padding_value, dtype=torch.float32)
+        features = torch.zeros(len(items), self.feature_size, width, dtype=torch.float32)
         for row, (item, length) in enumerate(zip(items, lengths)):
             features[row, :, :length] = item[:, :length]
+        features = self._fill_padding(features, torch.tensor(lengths), torch.cat(silence))
         batch = self._batch(features, torch.tensor(lengths), padding, return_attention_mask, return_tensors)
         for key in examples[0]:
             if key not in (name, "attention_mask"):
@@ -551,8 +580,8 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
 
         Returns:
             `(features, num_frames)`: features `(batch, feature_size, max_frames)` float32 in dB, padded frames set
-            to `padding_value`; `num_frames` `(batch,)` int64, each clip's real frames. A clip's features do not
-            depend on the other clips of the batch, to the last bit.
+            to each clip's silence level (or `padding_value`); `num_frames` `(batch,)` int64, each clip's real
+            frames. A clip's features do not depend on the other clips of the batch, to the last bit.
         """
         device = torch.device(device)
         num_frames = torch.tensor([self.num_frames(clip.numel()) for clip in clips], device=device)
@@ -572,7 +601,28 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
                 # Floor at top_db below each clip's own maximum over its real frames.
                 peak = log_mel.masked_fill(~is_real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
                 log_mel = torch.maximum(log_mel, peak - self.top_db)
-            return log_mel.masked_fill(~is_real[:, None, :], self.padding_value), num_frames
+            return self._fill_padding(log_mel, num_frames), num_frames
+
+    def _silence_db(self, features: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        """
+        `(batch,)` dB that the front end gives to frames of zero samples after each clip of `features` `(batch, mel,
+        frames)`: `max(-100, peak - top_db)`, `peak` the maximum over its first `num_frames` frames (its real ones).
+        """
+        is_padding = torch.arange(features.shape[-1], device=features.device)[None, :] >= num_frames[:, None]
+        peak = features.masked_fill(is_padding[:, None, :], float("-inf")).amax(dim=(1, 2))
+        if self.top_db is None:
+            return torch.full_like(peak, _AMIN_DB)
+        return (peak - self.top_db).clamp(min=_AMIN_DB)
+
+    def _fill_padding(
+        self, features: torch.Tensor, num_frames: torch.Tensor, silence: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`features` with the frames after each clip's `num_frames` set to `padding_value` or its `silence` (dB)."""
+        is_padding = torch.arange(features.shape[-1], device=features.device)[None, :] >= num_frames[:, None]
+        if self._padding_value is not None:
+            return features.masked_fill(is_padding[:, None, :], self._padding_value)
+        silence = self._silence_db(features, num_frames) if silence is None else silence
+        return torch.where(is_padding[:, None, :], silence[:, None, None].to(features), features)
 
     def _log_mel(self, clips: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """`10 * log10(max(mel, 1e-10))` `(batch, feature_size, max_frames)` float32 (padding: undefined)."""

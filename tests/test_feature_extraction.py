@@ -22,6 +22,11 @@ def test_mel_filters_equal_torchaudio(front_end, feature_extractor):
     assert torch.equal(torch.from_numpy(feature_extractor.mel_filters), front_end[0].mel_scale.fb)
 
 
+def silence_db(features: torch.Tensor) -> torch.Tensor:
+    """A clip's padding level from its features alone: 120 dB (top_db) below its peak, at least -100 dB."""
+    return (features.max() - 120.0).clamp(min=-100.0)
+
+
 def test_batch_equals_clip_by_clip_and_reference(front_end, feature_extractor):
     """Each clip gets its own reflect padding and dB floor: a batch equals clips computed alone by the original."""
     clips = [fsdd_clip(0), 0.5 * fsdd_clip(1)[:3000], 1e-3 * fsdd_clip(2), torch.full((480,), 0.2)]
@@ -32,7 +37,26 @@ def test_batch_equals_clip_by_clip_and_reference(front_end, feature_extractor):
     for index, clip in enumerate(clips):
         expected = front_end(clip[None])[0]
         assert max_abs_diff(batch.input_values[index, :, : frames[index]], expected) == 0.0
-        assert bool((batch.input_values[index, :, frames[index] :] == 0.0).all())
+        assert bool((batch.input_values[index, :, frames[index] :] == silence_db(expected)).all())
+
+
+def test_padded_frames_are_the_original_silence(front_end, feature_extractor):
+    """
+    Padded frames hold what the original front end gives to the clip zero-padded to the batch's length (the first
+    port padded so): each clip's -100 dB floor, raised to 120 dB (top_db) below its peak. The frames whose window
+    still reaches the clip's last samples (up to n_fft / 2 = 256 samples past its end: the first one or two padded
+    frames) legitimately differ: the original sees the clip's tail there, while our padding starts at the last frame.
+    """
+    long = concatenated_fsdd(24000, start=24)
+    for short, level in ((4 * fsdd_clip(25), "top_db"), (1e-3 * fsdd_clip(26), "amin")):  # peak - 120 >, < -100
+        batch = feature_extractor([short, long], sampling_rate=16000).input_values
+        zero_padded = torch.nn.functional.pad(short, (0, long.numel() - short.numel()))
+        expected = front_end(zero_padded[None])[0]
+        real, silent = short.numel() // 160 + 1, -(-(short.numel() + 256) // 160)  # first frame of zeros only
+        assert real < silent <= real + 2 and expected.shape[-1] - silent > 50
+        assert max_abs_diff(batch[0, :, silent:], expected[:, silent:]) <= 1e-4
+        assert max_abs_diff(batch[0, :, real:], silence_db(batch[0, :, :real])) == 0.0
+        assert (float(batch[0, 0, -1]) > -99.0) == (level == "top_db")
 
 
 def test_per_clip_floor_differs_from_batch_quirk(front_end, feature_extractor):
@@ -83,6 +107,7 @@ def test_reads_hub_preprocessor_config(tmp_path, feature_extractor):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(LEGACY_PREPROCESSOR_CONFIG))
     loaded = DashengFeatureExtractor.from_pretrained(tmp_path)
     assert (loaded.hop_size, loaded.win_size, loaded.n_fft, loaded.top_db) == (160, 512, 512, 120.0)
+    assert loaded.to_dict()["padding_value"] is None  # its 0.0 meant zero samples: silence, not 0 dB frames
     clips = [fsdd_clip(7), fsdd_clip(8)[:2000]]
     padded = loaded(clips, sampling_rate=16000, return_tensors="pt")
     # return_attention_mask=False in the file, but a padded batch always gets its mask.
@@ -155,7 +180,8 @@ def test_missing_sampling_rate_warns(feature_extractor, caplog):
         ({"top_db": 0}, "top_db must be a positive number of dB or None, got 0"),
         ({"top_db": "x"}, "top_db must be a positive number of dB or None, got 'x'"),
         ({"center": "yes"}, "center must be true or false, got 'yes'"),
-        ({"padding_value": float("nan")}, "padding_value must be a finite number, got nan"),
+        ({"padding_value": float("nan")}, r"padding_value must be a finite number of dB or None .*, got nan"),
+        ({"padding_value": "silence"}, r"padding_value must be a finite number of dB or None .*, got 'silence'"),
     ],
 )
 def test_bad_settings_raise(tmp_path, settings, message):
@@ -229,7 +255,7 @@ def test_padding_and_truncation_in_samples(feature_extractor):
     assert to_max.input_values.shape == (3, 64, 201) and to_max.attention_mask.sum(-1).tolist() == frames
     for row, features in enumerate(alone):
         assert torch.equal(to_max.input_values[row, :, : frames[row]], features)
-        assert bool((to_max.input_values[row, :, frames[row] :] == 0).all())
+        assert bool((to_max.input_values[row, :, frames[row] :] == silence_db(features)).all())
 
     multiple = feature_extractor(clips, sampling_rate=16000, pad_to_multiple_of=12000)
     assert multiple.input_values.shape == (3, 64, 24000 // 160 + 1)
@@ -313,6 +339,57 @@ def test_trainer_default_collator_pads_frames(feature_extractor, tmp_path):
     batch = trainer.data_collator([{**feature_extractor(c, sampling_rate=16000), "label": 1} for c in clips])
     assert batch["input_values"].shape == (2, 64, 57) and batch["attention_mask"].shape == (2, 57)
     assert model(**batch).loss.ndim == 0
+
+
+@pytest.mark.parametrize("padding_value", [None, -80.0])
+def test_pad_fills_padding_as_the_batched_call(padding_value):
+    """pad() recovers each clip's silence level from its own features: bit for bit the batched call's padding."""
+    extractor = DashengFeatureExtractor(padding_value=padding_value)
+    clips = [fsdd_clip(27), 1e-3 * fsdd_clip(28)[:3000], 30 * concatenated_fsdd(12000, start=29)]
+    alone = [extractor(clip, sampling_rate=16000).input_values[0] for clip in clips]
+    for call_options, pad_options in (({}, {}), ({"padding": "max_length", "max_length": 16000}, {"max_length": 101})):
+        pad_options = {**call_options, **pad_options}
+        direct = extractor(clips, sampling_rate=16000, **call_options)
+        padded = extractor.pad([{"input_values": features} for features in alone], **pad_options)
+        assert torch.equal(padded.input_values, direct.input_values)
+        assert torch.equal(padded.attention_mask, direct.attention_mask)
+        for row, features in zip(direct.input_values, alone):
+            expected = silence_db(features) if padding_value is None else torch.tensor(padding_value)
+            assert bool((row[:, features.shape[-1] :] == expected).all())
+
+
+def test_padding_value_round_trips_and_first_port_zero_means_silence(tmp_path):
+    """
+    None (silence) and fixed dB values survive save/load; a first-port config's 0.0 (zero samples) loads as None.
+    The `padding_value` attribute stays a number (-100 dB for None) for code that pads itself, e.g. pipelines.
+    """
+
+    def setting(folder):
+        return DashengFeatureExtractor.from_pretrained(folder).to_dict()["padding_value"]
+
+    for padding_value in (None, 0.0, -80.0):
+        extractor = DashengFeatureExtractor(padding_value=padding_value)
+        assert extractor.padding_value == (-100.0 if padding_value is None else padding_value)
+        extractor.save_pretrained(tmp_path / str(padding_value))
+        saved = json.loads((tmp_path / str(padding_value) / "preprocessor_config.json").read_text())
+        assert saved["padding_value"] == padding_value and saved["top_db"] == 120.0
+        assert setting(tmp_path / str(padding_value)) == padding_value
+    # The first port's configs have no top_db (it had no such setting) and padded the waveform with zeros.
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(LEGACY_PREPROCESSOR_CONFIG))
+    assert setting(tmp_path) is None
+    DashengFeatureExtractor.from_pretrained(tmp_path).save_pretrained(tmp_path / "resaved")
+    assert setting(tmp_path / "resaved") is None
+    assert DashengFeatureExtractor.from_pretrained(tmp_path, padding_value=0.0).to_dict()["padding_value"] == 0.0
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**LEGACY_PREPROCESSOR_CONFIG, "padding_value": -50}))
+    assert setting(tmp_path) == -50.0
+    extractor = DashengFeatureExtractor()
+    extractor.padding_value = -70.0  # as Transformers' own messages suggest setting it
+    assert torch.equal(
+        extractor([torch.full((800,), 0.1), torch.full((16000,), 0.1)]).input_values[0, :, 6:],
+        torch.full((64, 95), -70.0),
+    )
+    with pytest.raises(ValueError, match="padding_value must be a finite number of dB or None"):
+        extractor.padding_value = float("inf")
 
 
 def test_pad_lengths_in_frames_and_bad_examples(feature_extractor):

@@ -173,7 +173,10 @@ def test_run_audio_classification_flow(request, tmp_path, folder_kind, attention
     trainer.save_model()
     metrics = trainer.evaluate()
     print(f"{folder_kind} folder, attention_mask={attention_mask}: {metrics}")
-    assert metrics["eval_accuracy"] >= 0.6, metrics  # 3 spoken digits, chance is 1/3
+    # 3 spoken digits, chance 1/3; 36 clips. The transforms drop the mask, so training reads the padded frames of
+    # clips shorter than the crop: at each clip's silence level 0.81 / 0.78 (saved / legacy) at this seed, 0.72-0.89
+    # over seeds 0-4; as 0 dB frames (padding_value=0.0) 0.69 / 0.67 here, 0.67-0.83 over seeds 0-2.
+    assert metrics["eval_accuracy"] >= 0.7, metrics
     after = dict(model.named_parameters())
     assert all(torch.equal(after[name].detach(), value) for name, value in frozen.items())
 
