@@ -353,6 +353,26 @@ class DashengForPreTraining(DashengPreTrainedModel):
         hidden_states = packing.unpack(norm(packed))
         return hidden_states, states, None if weights is None else tuple(layer[:, 0] for layer in weights)
 
+    def patchify(self, input_values: torch.Tensor) -> torch.Tensor:
+        """
+        Log-mel `(batch, mel bins, frames)` in dB to the patches the decoder predicts, `(batch, frames // 4, 256)`:
+        each token's 64 x 4 patch with values ordered `mel_bin * 4 + frame` (as `torch.nn.functional.unfold`).
+        Frames after the last whole patch are dropped, as the patch embedding drops them.
+        """
+        frames = self.config.patch_size[1]
+        num_tokens = input_values.shape[-1] // frames
+        patches = input_values[..., : num_tokens * frames].unflatten(-1, (num_tokens, frames))
+        return patches.transpose(1, 2).flatten(2)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """
+        The inverse of [`patchify`]: `(batch, tokens, 256)` patches (e.g. `logits`) to a spectrogram
+        `(batch, mel bins, tokens * 4)`. With `config.norm_pix_loss`, `logits` are per-patch normalised values.
+        """
+        mel_bins, frames = self.config.patch_size
+        spectrogram = patches.unflatten(-1, (mel_bins, frames)).permute(0, 2, 1, 3)  # (batch, mel, tokens, frames)
+        return spectrogram.flatten(2)
+
     def _reconstruction_loss(
         self, input_values: torch.Tensor, logits: torch.Tensor, removed: torch.Tensor
     ) -> torch.Tensor:
@@ -361,11 +381,8 @@ class DashengForPreTraining(DashengPreTrainedModel):
         the dB mel patches (`mel_bin * 4 + frame`), each normalised by its mean and unbiased variance when
         `config.norm_pix_loss`.
         """
-        frames = self.config.patch_size[1]
-        num_tokens = logits.shape[1]
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            target = input_values[..., : num_tokens * frames].float().to(logits.device)
-            target = target.unflatten(-1, (num_tokens, frames)).transpose(1, 2).flatten(2)  # (batch, tokens, 256)
+            target = self.patchify(input_values.float().to(logits.device))
             if self.config.norm_pix_loss:
                 mean = target.mean(dim=-1, keepdim=True)
                 variance = target.var(dim=-1, keepdim=True)

@@ -253,6 +253,18 @@ def test_batch_statistics_come_from_real_frames(mae_pair):
     assert not torch.allclose(statistics["running_mean"], start["running_mean"])
 
 
+def test_patchify_is_unfold_and_unpatchify_inverts_it(mae_pair):
+    _, model = mae_pair
+    spectrogram = torch.randn(2, 64, 1003)  # 250 whole patches and 3 frames the patch embedding drops
+    patches = model.patchify(spectrogram)
+    unfolded = torch.nn.functional.unfold(spectrogram[:, None], kernel_size=(64, 4), stride=(64, 4)).transpose(1, 2)
+    assert patches.shape == (2, 250, 256) and torch.equal(patches, unfolded)
+    assert torch.equal(model.unpatchify(patches), spectrogram[..., :1000])
+    features = DashengFeatureExtractor()(concatenated_fsdd(TEN_SECONDS), sampling_rate=16000, return_tensors="pt")
+    outputs = model(**features)
+    assert model.unpatchify(outputs.logits).shape == (1, 64, 1000)
+
+
 def test_long_input_is_chunked(mae_pair):
     """Inputs longer than 252 tokens: each chunk is masked, encoded and decoded as a sequence of its own."""
     _, model = mae_pair
