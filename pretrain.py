@@ -164,13 +164,19 @@ class DashengPretrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         gpu = torch.cuda.is_available()
+        self._notes = []  # logged once logging is set up (see `run`)
         if self.optim == "auto":
             self.optim = "adamw_bnb_8bit" if gpu and _importable("bitsandbytes") else "adamw_torch"
-            if self.optim != "adamw_bnb_8bit":  # logged once logging is set up (see `run`)
-                self._optim_note = (
+            if self.optim != "adamw_bnb_8bit":
+                self._notes.append(
                     f"Using AdamW (adamw_torch) instead of the paper's 8-bit AdamW, which needs "
                     f"{'bitsandbytes (pip install bitsandbytes)' if gpu else 'a GPU'}."
                 )
+        if self.fsdp and not gpu:
+            raise ValueError(
+                "--fsdp needs GPUs (accelerate shards models only on accelerators); on CPUs leave it out: "
+                "torchrun then trains with plain data parallelism."
+            )
         if self.bf16 is None:
             self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
         if self.dataloader_pin_memory is None:
@@ -453,9 +459,9 @@ def _setup_logging(training_args: DashengPretrainingArguments) -> None:
     transformers.utils.logging.disable_propagation()
     logging.getLogger("dasheng_hf").setLevel(level)
     logging.getLogger("dasheng_hf.audio_data").setLevel(min(level, logging.WARNING))
-    note = getattr(training_args, "_optim_note", None)
-    if note and training_args.should_log:
-        logger.warning(note)
+    if training_args.should_log:
+        for note in getattr(training_args, "_notes", []):
+            logger.warning(note)
 
 
 def _resume_checkpoint(training_args: DashengPretrainingArguments) -> str | None:

@@ -197,6 +197,11 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path, caplog):
         (["--train_data", "{shards}", "--max_steps", "5", "--gain_augmentation_db", "loud"], "gain_augmentation_db"),
         (["--train_data", "{shards}", "--max_steps", "5", "--mask_ratio", "1.5"], "mask_ratio"),
         (["--train_data", "{shards}", "--max_steps", "5", "--attn_implementation", "fast"], "attn_implementation"),
+        pytest.param(
+            ["--train_data", "{shards}", "--max_steps", "5", "--fsdp"],
+            "--fsdp needs GPUs",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs where there are GPUs"),
+        ),
         (["--train_data", "{shards}", "--max_steps", "5", "--no_such_flag", "1"], "--no_such_flag"),
         (["--train_data", "{shards}", "--max_steps", "five"], "--max_steps"),
     ],
