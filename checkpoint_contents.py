@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from dasheng_hf.checkpoint_files import ConversionError, load_hub_folder, load_torch_file
 from dasheng_hf.configuration_dasheng import DASHENG_PRESETS, DashengConfig
-from dasheng_hf.feature_extraction_dasheng import DashengFeatureExtractor, htk_mel_filter_bank
+from dasheng_hf.feature_extraction_dasheng import DashengFeatureExtractor, front_end_mismatches, htk_mel_filter_bank
 from dasheng_hf.modeling_dasheng import DashengForAudioClassification, DashengModel
 
 __all__ = [
@@ -298,19 +298,6 @@ def _make_config(fields: dict[str, Any], head: dict[str, torch.Tensor], name: st
     return DashengConfig(**fields)
 
 
-_FRONT_END_FIELDS = (
-    "feature_size",
-    "sampling_rate",
-    "n_fft",
-    "win_size",
-    "hop_size",
-    "f_min",
-    "f_max",
-    "center",
-    "top_db",
-)
-
-
 def _check_front_end_settings(config: DashengConfig, preprocessor: dict[str, Any] | None) -> None:
     """Build the feature extractor the folder will carry and compute features of 1 s of audio with it, and refuse a
     source preprocessor config whose front end differs from the model config's."""
@@ -332,11 +319,7 @@ def _check_front_end_settings(config: DashengConfig, preprocessor: dict[str, Any
         theirs = DashengFeatureExtractor(**fields)
     except _BAD_VALUE_ERRORS as error:
         raise ConversionError(f"The folder's preprocessor_config.json cannot be used: {error}") from None
-    differences = [
-        f"{name}={getattr(theirs, name)!r} there, {getattr(extractor, name)!r} in config.json"
-        for name in _FRONT_END_FIELDS
-        if getattr(theirs, name) != getattr(extractor, name)
-    ]
+    differences = front_end_mismatches(config, theirs)
     if differences:
         raise ConversionError(
             f"The folder's preprocessor_config.json disagrees with its config.json about the front end the weights "

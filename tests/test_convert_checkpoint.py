@@ -573,7 +573,7 @@ def _break_hub_folder(folder: Path, kind: str) -> None:
         ("index without weight_map", "has no `weight_map` object"),
         ("index naming a missing shard", "names shard files that are not in"),
         ("index naming a shard outside", "names shards that are not file names inside the folder: '../model.pt'."),
-        ("preprocessor disagrees", "hop_size=320 there, 160 in config.json"),
+        ("preprocessor disagrees", "config has hop_length=160, the feature extractor hop_size=320"),
         ("preprocessor invalid", "preprocessor_config.json cannot be used: n_fft"),
     ],
 )
