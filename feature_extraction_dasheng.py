@@ -180,8 +180,8 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
     Clips of different lengths are padded on the right to the longest clip, after each clip's own reflect padding,
     so every clip's features equal those computed for it alone; `attention_mask` (1 = real frame) is returned
     whenever clips were padded. Padded frames hold each clip's silence level, the value the original front end gives
-    to zero samples appended to the clip: `max(-100, peak - top_db)` dB, `peak` the clip's maximum (-100 dB without
-    `top_db`), so a model that reads them (no mask passed) hears silence. [`~DashengFeatureExtractor.pad`] pads
+    to zero samples appended to that clip alone: `max(-100, peak - top_db)` dB, `peak` the clip's maximum (-100 dB
+    without `top_db`), so a model that reads them (no mask passed) hears silence. [`~DashengFeatureExtractor.pad`] pads
     features computed clip by clip the same way, so `DataCollatorWithPadding(feature_extractor)` and Trainer's
     default collator work.
 

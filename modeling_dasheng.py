@@ -101,20 +101,24 @@ class DashengSpectrogramBatchNorm(nn.BatchNorm2d):
         )
 
     def _normalise_by_real_frames(self, spectrogram: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """BatchNorm2d's training step with mean and variance over the real frames only."""
-        real = frame_mask[:, None, None, :].to(spectrogram.dtype)
+        """
+        BatchNorm2d's training step with mean and variance over the real frames only, computed in float32 whatever
+        the weights' dtype (sums over many frames overflow float16); the output has the weights' dtype.
+        """
+        real = frame_mask[:, None, None, :].float()
         count = real.sum()
-        mean = (spectrogram * real).sum(dim=(0, 2, 3)) / count
-        centred = spectrogram - mean[None, :, None, None]
+        mean = (spectrogram.float() * real).sum(dim=(0, 2, 3)) / count
+        centred = spectrogram.float() - mean[None, :, None, None]
         variance = (centred.square() * real).sum(dim=(0, 2, 3)) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             unbiased = variance * count / (count - 1).clamp(min=1)
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        scale = self.weight * torch.rsqrt(variance + self.eps)
-        return centred * scale[None, :, None, None] + self.bias[None, :, None, None]
+            self.running_mean.copy_(self.running_mean.float().lerp(mean, factor))
+            self.running_var.copy_(self.running_var.float().lerp(unbiased, factor))
+        scale = self.weight.float() * torch.rsqrt(variance + self.eps)
+        normalised = centred * scale[None, :, None, None] + self.bias.float()[None, :, None, None]
+        return normalised.to(self.weight.dtype)
 
 
 class DashengPatchEmbeddings(nn.Module):

@@ -184,8 +184,9 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights
 
 
-def _is_cpu_mixed_precision_training(query: torch.Tensor) -> bool:
-    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and query.requires_grad
+def _is_cpu_bf16_training(module: nn.Module, query: torch.Tensor) -> bool:
+    # Training mode, not `requires_grad`: a reentrant checkpoint's forward (no grad) and recompute use one kernel.
+    return module.training and query.device.type == "cpu" and query.dtype == torch.bfloat16
 
 
 class DashengSelfAttention(nn.Module):
@@ -194,9 +195,9 @@ class DashengSelfAttention(nn.Module):
 
     The kernel is `config._attn_implementation` through Transformers' `ALL_ATTENTION_FUNCTIONS` (`eager`, `sdpa`,
     `flex_attention`, `flash_attention_2/3`, Hub kernels), switchable with `model.set_attn_implementation(...)`.
-    One exception: `sdpa` on CPU with bf16/fp16 inputs that need gradients (mixed-precision training) runs the eager
-    kernel: PyTorch's CPU flash-attention backward is 1.2-4x slower at Dasheng's sequence lengths
-    (`benchmarks/pretrain_speed.py`).
+    One exception: `sdpa` in training mode on CPU with bf16 inputs (bf16 mixed-precision training) runs the eager
+    kernel: there PyTorch's CPU flash-attention backward is 1.5-4x slower at Dasheng's sequence lengths
+    (`benchmarks/pretrain_speed.py`; measured with AVX512-BF16; float16 keeps SDPA, which is faster for it).
     """
 
     def __init__(self, config: DashengConfig):
@@ -237,7 +238,7 @@ class DashengSelfAttention(nn.Module):
 
     def _attention_function(self, query: torch.Tensor):
         implementation = self.config._attn_implementation
-        if implementation == "eager" or (implementation == "sdpa" and _is_cpu_mixed_precision_training(query)):
+        if implementation == "eager" or (implementation == "sdpa" and _is_cpu_bf16_training(self, query)):
             return eager_attention_forward
         if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # Transformers 5
             return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)

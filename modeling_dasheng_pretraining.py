@@ -359,6 +359,8 @@ class DashengForPreTraining(DashengPreTrainedModel):
         each token's 64 x 4 patch with values ordered `mel_bin * 4 + frame` (as `torch.nn.functional.unfold`).
         Frames after the last whole patch are dropped, as the patch embedding drops them.
         """
+        if input_values.ndim != 3:
+            raise ValueError(f"patchify takes (batch, mel bins, frames), got shape {tuple(input_values.shape)}.")
         frames = self.config.patch_size[1]
         num_tokens = input_values.shape[-1] // frames
         patches = input_values[..., : num_tokens * frames].unflatten(-1, (num_tokens, frames))
@@ -370,6 +372,10 @@ class DashengForPreTraining(DashengPreTrainedModel):
         `(batch, mel bins, tokens * 4)`. With `config.norm_pix_loss`, `logits` are per-patch normalised values.
         """
         mel_bins, frames = self.config.patch_size
+        if patches.ndim != 3 or patches.shape[-1] != mel_bins * frames:
+            raise ValueError(
+                f"unpatchify takes (batch, tokens, {mel_bins * frames}) patches, got shape {tuple(patches.shape)}."
+            )
         spectrogram = patches.unflatten(-1, (mel_bins, frames)).permute(0, 2, 1, 3)  # (batch, mel, tokens, frames)
         return spectrogram.flatten(2)
 

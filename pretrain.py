@@ -172,7 +172,8 @@ class DashengPretrainingArguments(TrainingArguments):
                     f"Using AdamW (adamw_torch) instead of the paper's 8-bit AdamW, which needs "
                     f"{'bitsandbytes (pip install bitsandbytes)' if gpu else 'a GPU'}."
                 )
-        if self.fsdp and not gpu:
+        accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else gpu
+        if self.fsdp and (self.use_cpu or not accelerator):
             raise ValueError(
                 "--fsdp needs GPUs (accelerate shards models only on accelerators); on CPUs leave it out: "
                 "torchrun then trains with plain data parallelism."
@@ -307,6 +308,11 @@ def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTrainin
 
 
 def _with_attention(model: DashengForPreTraining, model_args: DashengModelArguments) -> DashengForPreTraining:
+    if model_args.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise DashengPretrainingError(
+            "--attn_implementation flex_attention: PyTorch's FlexAttention has no backward pass on CPUs; "
+            "use sdpa (the default) or eager."
+        )
     if model_args.attn_implementation:
         try:
             model.set_attn_implementation(model_args.attn_implementation)

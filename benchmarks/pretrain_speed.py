@@ -9,9 +9,10 @@ computation inside the step as well. Steps of the two models alternate and the m
 same machine load; CPU seconds per step are reported beside wall time. Peak memory is the growth of the resident
 set during one step, each model in a fresh process.
 
-The `products` row is a floor no implementation of the same model can beat: every matrix product of one step of
-ours (`mm`, `addmm`, `bmm`: the linear layers forward and backward, and attention), recorded with their shapes,
-strides and dtypes and replayed alone on random tensors. Its ratio is the most any implementation could gain over the
+The `products` row is a floor under the step: the `mm`, `addmm` and `bmm` products of one step of ours (the linear
+layers forward and backward, and in bf16 attention too, which runs eagerly there; in float32 attention runs inside
+SDPA and is not included), recorded with their shapes, strides and dtypes and replayed alone on random tensors. The
+original does the same products, so its ratio bounds what any implementation of this model could gain over the
 original on this machine without doing less arithmetic.
 
     python benchmarks/pretrain_speed.py [--size base] [--batch 8] [--seconds 10] [--steps 3] [--threads 2]

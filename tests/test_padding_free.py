@@ -135,48 +135,53 @@ def test_set_attn_implementation_switches_the_running_model(tiny_pair, feature_e
     assert calls[4:] == calls[:4]
 
 
-def test_sdpa_runs_eager_kernel_for_cpu_mixed_precision_training(tiny_pair, feature_extractor, monkeypatch):
+def test_sdpa_runs_eager_kernel_for_cpu_bf16_training(tiny_pair, feature_extractor, monkeypatch):
     """
-    `sdpa` on CPU with bf16 inputs that need gradients runs the eager kernel (faster there); in float32, or without
-    gradients, SDPA runs. Gradients agree with SDPA's.
+    `sdpa` in training mode on CPU with bf16 inputs runs the eager kernel (faster there); in float32 or float16, or
+    in eval mode, SDPA runs. Gradients agree with SDPA's.
     """
     import dasheng_hf.modeling_dasheng_layers as layers
 
     model = DashengModel(tiny_config(attn_implementation="sdpa")).train()
     model.load_state_dict(tiny_pair[1].state_dict())
     inputs = feature_extractor(mixed_clips()[:2], sampling_rate=16000, return_tensors="pt")
-    eager_calls, sdpa_calls = [], []
+    calls = {"eager": [], "sdpa": []}
     eager, sdpa = layers.eager_attention_forward, ALL_ATTENTION_FUNCTIONS["sdpa"]
 
     def counting_eager(module, query, *args, **kwargs):
-        eager_calls.append(query.dtype)
+        calls["eager"].append(query.dtype)
         return eager(module, query, *args, **kwargs)
 
     def counting_sdpa(module, query, *args, **kwargs):
-        sdpa_calls.append(query.dtype)
+        calls["sdpa"].append(query.dtype)
         return sdpa(module, query, *args, **kwargs)
 
     monkeypatch.setattr(layers, "eager_attention_forward", counting_eager)
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", counting_sdpa)
 
-    def gradients(autocast: bool) -> dict[str, torch.Tensor]:
+    def kernels_of(dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Gradients of a training step under autocast to `dtype` (None: float32); `calls` holds the kernels."""
+        calls["eager"].clear()
+        calls["sdpa"].clear()
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             model(**inputs).pooler_output.float().square().sum().backward()
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
+    model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(**inputs)
-    assert sdpa_calls and set(sdpa_calls) == {torch.bfloat16} and not eager_calls
-    sdpa_calls.clear()
-    gradients(autocast=False)
-    assert sdpa_calls and set(sdpa_calls) == {torch.float32} and not eager_calls
-    sdpa_calls.clear()
-    eager_gradients = gradients(autocast=True)
-    assert eager_calls and set(eager_calls) == {torch.bfloat16} and not sdpa_calls
-    monkeypatch.setattr(layers, "_is_cpu_mixed_precision_training", lambda query: False)
-    sdpa_gradients = gradients(autocast=True)
-    assert sdpa_calls and set(sdpa_calls) == {torch.bfloat16}
+    assert set(calls["sdpa"]) == {torch.bfloat16} and not calls["eager"]
+    model.train()
+    kernels_of(None)
+    assert set(calls["sdpa"]) == {torch.float32} and not calls["eager"]
+    kernels_of(torch.float16)
+    assert set(calls["sdpa"]) == {torch.float16} and not calls["eager"]
+    eager_gradients = kernels_of(torch.bfloat16)
+    assert set(calls["eager"]) == {torch.bfloat16} and not calls["sdpa"]
+    monkeypatch.setattr(layers, "_is_cpu_bf16_training", lambda module, query: False)
+    sdpa_gradients = kernels_of(torch.bfloat16)
+    assert set(calls["sdpa"]) == {torch.bfloat16} and not calls["eager"]
     for name, grad in eager_gradients.items():
         scale = sdpa_gradients[name].abs().max().clamp_min(1e-6)
         assert max_abs_diff(grad, sdpa_gradients[name]) / scale <= 0.05, name

@@ -198,6 +198,11 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path, caplog):
         (["--train_data", "{shards}", "--max_steps", "5", "--mask_ratio", "1.5"], "mask_ratio"),
         (["--train_data", "{shards}", "--max_steps", "5", "--attn_implementation", "fast"], "attn_implementation"),
         pytest.param(
+            ["--train_data", "{shards}", "--max_steps", "5", "--attn_implementation", "flex_attention"],
+            "no backward pass on CPUs",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="FlexAttention trains on GPUs"),
+        ),
+        pytest.param(
             ["--train_data", "{shards}", "--max_steps", "5", "--fsdp"],
             "--fsdp needs GPUs",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs where there are GPUs"),

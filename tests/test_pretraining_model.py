@@ -253,6 +253,24 @@ def test_batch_statistics_come_from_real_frames(mae_pair):
     assert not torch.allclose(statistics["running_mean"], start["running_mean"])
 
 
+def test_batch_statistics_of_a_float16_model_are_finite():
+    """A model cast to float16 still sums over many frames in float32: finite outputs and running statistics."""
+    from dasheng_hf.modeling_dasheng import DashengSpectrogramBatchNorm
+
+    config = pretraining_config(use_batch_statistics=True)
+    spectrogram = torch.randn(4, 64, 1, 1001, generator=torch.Generator().manual_seed(0)) * 10 - 50
+    frame_mask = torch.arange(1001)[None, :] < torch.tensor([1001, 1001, 1001, 626])[:, None]
+    exact = DashengSpectrogramBatchNorm(config).train()
+    half = DashengSpectrogramBatchNorm(config).train().half()
+    expected = exact(spectrogram, frame_mask)
+    output = half(spectrogram.half(), frame_mask)
+    assert output.dtype == torch.float16 and bool(torch.isfinite(output).all())
+    real = frame_mask[:, None, None, :].expand_as(expected)
+    assert max_abs_diff(output.float()[real], expected[real]) <= 0.05
+    assert max_abs_diff(half.running_mean.float(), exact.running_mean) <= 0.05
+    assert max_abs_diff(half.running_var.float(), exact.running_var) / float(exact.running_var.max()) <= 1e-2
+
+
 def test_patchify_is_unfold_and_unpatchify_inverts_it(mae_pair):
     _, model = mae_pair
     spectrogram = torch.randn(2, 64, 1003)  # 250 whole patches and 3 frames the patch embedding drops
@@ -260,6 +278,10 @@ def test_patchify_is_unfold_and_unpatchify_inverts_it(mae_pair):
     unfolded = torch.nn.functional.unfold(spectrogram[:, None], kernel_size=(64, 4), stride=(64, 4)).transpose(1, 2)
     assert patches.shape == (2, 250, 256) and torch.equal(patches, unfolded)
     assert torch.equal(model.unpatchify(patches), spectrogram[..., :1000])
+    with pytest.raises(ValueError, match=r"patchify takes \(batch, mel bins, frames\), got shape \(64, 100\)"):
+        model.patchify(spectrogram[0, :, :100])
+    with pytest.raises(ValueError, match="unpatchify takes"):
+        model.unpatchify(patches[..., :128])
     features = DashengFeatureExtractor()(concatenated_fsdd(TEN_SECONDS), sampling_rate=16000, return_tensors="pt")
     outputs = model(**features)
     assert model.unpatchify(outputs.logits).shape == (1, 64, 1000)
