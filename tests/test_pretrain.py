@@ -24,7 +24,7 @@ from dasheng_hf.pretrain import (
     DashengPretrainingArguments,
     DashengPretrainingCollator,
     DashengPretrainingError,
-    _Parser,
+    DashengPretrainingParser,
     build_model,
     main,
     parse_config_overrides,
@@ -223,7 +223,7 @@ def test_bad_inputs_stop_with_one_line(flags, expected, shards, tmp_path, capsys
 
 
 def test_recipe_defaults_and_dashed_flags():
-    parser = _Parser((DashengModelArguments, DashengDataArguments, DashengPretrainingArguments))
+    parser = DashengPretrainingParser((DashengModelArguments, DashengDataArguments, DashengPretrainingArguments))
     _, data, args = parser.parse_args_into_dataclasses(["--train_data", "x", "--output_dir", "o"])
     assert (args.learning_rate, args.weight_decay, args.lr_scheduler_kwargs) == (3e-4, 0.01, {"min_lr_rate": 0.1})
     assert args.lr_scheduler_type.value == "cosine_with_min_lr" and data.crop_seconds == 10.0
