@@ -18,7 +18,14 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
-__all__ = ["DASHENG_DECODER_PRESETS", "DASHENG_PRESETS", "DashengConfig", "copy_code_files"]
+__all__ = [
+    "DASHENG_DECODER_PRESETS",
+    "DASHENG_PRESETS",
+    "DashengConfig",
+    "canonical_preset_name",
+    "copy_code_files",
+    "front_end_mismatches",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -91,7 +98,7 @@ class _Default:
 _DEFAULT: Any = _Default()
 
 
-def _canonical_preset_name(name: str | None) -> str | None:
+def canonical_preset_name(name: str | None) -> str | None:
     """Map spellings such as `mispeech/dasheng-base`, `dasheng_06B` or `dasheng-1.2b` to a preset key."""
     if not name:
         return None
@@ -265,7 +272,7 @@ class DashengConfig(PretrainedConfig):
     ):
         if name is not None and not isinstance(name, str):
             raise ValueError(f"name must be a preset name such as 'dasheng-base' or None, got {name!r}.")
-        preset = _canonical_preset_name(name)
+        preset = canonical_preset_name(name)
         if name and preset is None and encoder_kwargs is None and hidden_size is None:
             logger.warning(f"Unknown Dasheng name {name!r}; using the dasheng-base architecture.")
         # Precedence: explicit arguments > encoder_kwargs (first Hub configs) > preset of `name` > dasheng-base.
@@ -525,7 +532,7 @@ class DashengConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> DashengConfig:
         """Config of a released size: `dasheng-base`, `dasheng-0.6B` or `dasheng-1.2B`."""
-        if not isinstance(name, str) or _canonical_preset_name(name) is None:
+        if not isinstance(name, str) or canonical_preset_name(name) is None:
             raise ValueError(f"Unknown Dasheng preset {name!r}; choose one of {sorted(DASHENG_PRESETS)}.")
         return cls(name=name, **kwargs)
 
@@ -590,6 +597,33 @@ def _auto_map() -> dict[str, str]:
     """`_AUTO_MAP` less the classes whose code file is not beside this one: a folder never names a missing file."""
     here = Path(__file__).resolve().parent
     return {auto: target for auto, target in _AUTO_MAP.items() if (here / f"{target.split('.')[0]}.py").exists()}
+
+
+def front_end_mismatches(config: Any, feature_extractor: Any) -> list[str]:
+    """
+    Every front-end setting on which a [`DashengConfig`] (what the weights were trained with) and a
+    [`DashengFeatureExtractor`] disagree, in words; an empty list when they match.
+    """
+    fields = [
+        ("sampling rate", "sampling_rate", "sampling_rate"),
+        ("FFT size", "n_fft", "n_fft"),
+        ("window length", "win_length", "win_size"),
+        ("hop length", "hop_length", "hop_size"),
+        ("lowest mel frequency", "f_min", "f_min"),
+        ("highest mel frequency", "f_max", "f_max"),
+        ("centring (reflect padding)", "center", "center"),
+        ("dB range below the peak", "top_db", "top_db"),
+        ("number of mel bins", "num_mel_bins", "feature_size"),
+    ]
+    mismatches = []
+    for words, config_field, extractor_field in fields:
+        expected, found = getattr(config, config_field, None), getattr(feature_extractor, extractor_field, None)
+        if not expected == found:
+            mismatches.append(
+                f"{words}: the model's config has {config_field}={expected!r}, the feature extractor "
+                f"{extractor_field}={found!r}"
+            )
+    return mismatches
 
 
 def copy_code_files(save_directory: str | os.PathLike) -> None:

@@ -9,9 +9,9 @@ classifier (a plain state dict that also holds `outputlayer.0.*` and `outputlaye
 layout (`encoder.*` weights and a config with `encoder_kwargs`), a URL, or a released name (`dasheng-base`,
 `dasheng-0.6B`, `dasheng-1.2B`, `dasheng-audioset`). Pickles are only ever read with `torch.load(weights_only=True)`.
 
-This module runs the conversion (stage, verify, claim the output, under signal handling) and the command line; reading
-the input files is in `checkpoint_files.py`, deriving the config and checking the tensors in `checkpoint_contents.py`,
-the model card in `model_card.py`, and the atomic output folder in `output_folder.py`.
+This module runs the conversion (stage, verify, claim the output, under signal handling) and the command line; its
+parts live in `conversion/`: reading the input files (`checkpoint_files.py`), deriving the config and checking the
+tensors (`checkpoint_contents.py`), the model card (`model_card.py`) and the atomic output folder (`output_folder.py`).
 """
 
 from __future__ import annotations
@@ -29,17 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dasheng_hf.checkpoint_contents import (
+
+if __name__ == "__main__" and not __package__:  # `python convert_checkpoint.py` in a checkout, as in the Hub ports:
+    import dasheng_hf  # noqa: F401  the relative imports below then resolve in the installed package (PEP 366)
+
+    __package__ = "dasheng_hf"
+
+from .conversion.checkpoint_contents import (
     SAMPLING_RATE,
     LoadedCheckpoint,
     expected_front_end,
     load_checkpoint,
     sweep_audio,
 )
-from dasheng_hf.checkpoint_files import RELEASED_CHECKPOINTS, ConversionError, check_file, read_labels, resolve_source
-from dasheng_hf.model_card import build_model_card
-from dasheng_hf.modeling_dasheng import DashengForAudioClassification, DashengModel
-from dasheng_hf.output_folder import check_output, claim
+from .conversion.checkpoint_files import RELEASED_CHECKPOINTS, ConversionError, check_file, read_labels, resolve_source
+from .conversion.model_card import build_model_card
+from .conversion.output_folder import check_output, claim
+from .modeling_dasheng import DashengForAudioClassification, DashengModel
 
 # ConversionError is defined in checkpoint_files.py and exported here too: `convert` raises it.
 __all__ = ["ConversionError", "ConversionInterrupted", "build_parser", "convert", "main"]

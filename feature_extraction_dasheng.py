@@ -17,7 +17,7 @@ from transformers.utils import PaddingStrategy, TensorType, logging
 
 from .configuration_dasheng import copy_code_files
 
-__all__ = ["DashengFeatureExtractor", "front_end_mismatches", "htk_mel_filter_bank"]
+__all__ = ["DashengFeatureExtractor", "htk_mel_filter_bank"]
 
 logger = logging.get_logger(__name__)
 
@@ -53,33 +53,6 @@ def htk_mel_filter_bank(
     rising = -offsets[:, :-2] / widths[:-1]
     falling = offsets[:, 2:] / widths[1:]
     return torch.minimum(rising, falling).clamp(min=0.0)
-
-
-def front_end_mismatches(config: Any, feature_extractor: DashengFeatureExtractor) -> list[str]:
-    """
-    Every front-end setting on which a [`DashengConfig`] (what the weights were trained with) and a
-    [`DashengFeatureExtractor`] disagree, in words; an empty list when they match.
-    """
-    fields = [
-        ("sampling rate", "sampling_rate", "sampling_rate"),
-        ("FFT size", "n_fft", "n_fft"),
-        ("window length", "win_length", "win_size"),
-        ("hop length", "hop_length", "hop_size"),
-        ("lowest mel frequency", "f_min", "f_min"),
-        ("highest mel frequency", "f_max", "f_max"),
-        ("centring (reflect padding)", "center", "center"),
-        ("dB range below the peak", "top_db", "top_db"),
-        ("number of mel bins", "num_mel_bins", "feature_size"),
-    ]
-    mismatches = []
-    for words, config_field, extractor_field in fields:
-        expected, found = getattr(config, config_field, None), getattr(feature_extractor, extractor_field, None)
-        if not expected == found:
-            mismatches.append(
-                f"{words}: the model's config has {config_field}={expected!r}, the feature extractor "
-                f"{extractor_field}={found!r}"
-            )
-    return mismatches
 
 
 def _is_real(value: Any) -> bool:

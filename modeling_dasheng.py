@@ -29,8 +29,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceCl
 from transformers.pipelines.audio_classification import AudioClassificationPipeline
 from transformers.utils import logging
 
-from .configuration_dasheng import DashengConfig, copy_code_files
-from .feature_extraction_dasheng import DashengFeatureExtractor, front_end_mismatches
+from .configuration_dasheng import DashengConfig, copy_code_files, front_end_mismatches
+from .feature_extraction_dasheng import DashengFeatureExtractor
 from .modeling_dasheng_layers import DashengLayer, DashengPackedSequences, eager_attention_forward, run_blocks
 
 __all__ = [

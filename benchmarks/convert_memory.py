@@ -29,7 +29,7 @@ def make_checkpoint(path: Path, hidden: int = 1536, depth: int = 40, heads: int 
     """Save a released-format checkpoint with random weights of the given size (1.2B by default)."""
     import torch
     from dasheng_hf import DashengConfig
-    from dasheng_hf.checkpoint_contents import expected_front_end, expected_shapes
+    from dasheng_hf.conversion.checkpoint_contents import expected_front_end, expected_shapes
 
     config = DashengConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads)
     state = {}

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> float:
     import torch
     import transformers
     from dasheng_hf import DashengConfig, DashengModel
-    from dasheng_hf.linear_probe import ProbeOptions, load_audio_clips, run_protocol
-    from dasheng_hf.probe_embeddings import embed_clips, load_encoder
+    from dasheng_hf.evaluation.embeddings import embed_clips, load_encoder
+    from dasheng_hf.evaluation.linear_probe import ProbeOptions, load_audio_clips, run_protocol
 
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as workdir:

@@ -1,0 +1,239 @@
+"""
+Pack audio files into webdataset tar shards for pretraining (the job of the original's `wavlist_to_tar`).
+
+    python -m dasheng_hf.audio.make_shards FILELIST_OR_FOLDER OUTDIR [--shard_size 10000] [--num_workers 4]
+
+The input is a CSV/TSV file list with a `filename` column (relative paths read from the list's folder; the other
+columns of a row go into a `KEY.json` next to the audio) or a folder searched recursively for audio files. Files are
+shuffled (seeded) and stored as they are, bytes and extension unchanged (`KEY.flac`, `KEY.wav`, ...), `--shard_size`
+per shard, in `OUTDIR/PREFIX-000000.tar`, `PREFIX-000001.tar`, ... (`PREFIX`: the list's or folder's name). The key
+of a file is its name without extension, dots replaced by `_`; two files with the same key are an error. Shards are
+written in parallel under temporary names and renamed only when all are complete: a failed or interrupted run leaves
+no shard behind. The last line printed is the brace pattern of the shards, ready for `--train_data`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import AUDIO_EXTENSIONS, AudioRecord, DashengAudioError, find_audio_files, read_file_list
+
+__all__ = ["MakeShardsError", "ShardItem", "list_items", "main", "make_shards"]
+
+
+class MakeShardsError(ValueError):
+    """A problem with the inputs or the output folder; the message says what and how to fix it."""
+
+
+ShardItem = tuple[str, str, str, str | None]  # (key, path, extension, json labels or None)
+
+
+def _typed(value: str) -> Any:
+    """A list cell as a JSON value: integers and decimals as numbers, anything else as the string."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def list_items(source: str | os.PathLike, filename_column: str = "filename") -> list[ShardItem]:
+    """
+    The files a list or folder names, checked: each exists, is a regular file with an audio extension, and has a
+    key of its own. Raises [`MakeShardsError`] naming the offending files.
+    """
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            files = find_audio_files(path)
+            if not files:
+                raise MakeShardsError(f"{path}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) under it.")
+            records = [AudioRecord(key=str(file), origin=str(file), path=str(file)) for file in files]
+        elif path.is_file():
+            records = read_file_list(path, filename_column=filename_column)
+        else:
+            raise MakeShardsError(f"{path}: no such file list or folder.")
+    except DashengAudioError as error:
+        raise MakeShardsError(str(error)) from error
+    items, owners, problems = [], {}, []
+    for record in records:
+        file = Path(record.path)
+        extension = file.suffix[1:].lower()
+        if not file.is_file():
+            problems.append(f"{record.origin}: {'not a regular file' if file.exists() else 'missing'}")
+            continue
+        if extension not in AUDIO_EXTENSIONS:
+            problems.append(f"{record.origin}: not an audio file extension ({', '.join(AUDIO_EXTENSIONS)})")
+            continue
+        key = file.stem.replace(".", "_")
+        if key in owners:
+            raise MakeShardsError(
+                f"Two files share the key {key!r}: {owners[key]} and {record.origin}. Keys are file names without "
+                f"extension and must be unique; rename one of them."
+            )
+        owners[key] = record.origin
+        labels = None if not record.labels else json.dumps({k: _typed(v) for k, v in record.labels.items()})
+        items.append((key, str(file), extension, labels))
+    if problems:
+        raise MakeShardsError(f"{len(problems)} of {len(records)} files cannot be packed, e.g. {problems[:3]}.")
+    return items
+
+
+def _write_shard(job: tuple[str, list[ShardItem]]) -> int:
+    """Write one shard to the path given (a temporary name); returns the number of files in it."""
+    target, items = job
+    try:
+        with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar:
+            for key, path, extension, labels in items:
+                with open(path, "rb") as handle:
+                    members = [(f"{key}.{extension}", handle.read())]
+                if labels is not None:
+                    members.append((f"{key}.json", labels.encode()))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o444
+                    tar.addfile(info, io.BytesIO(data))
+    except BaseException:
+        Path(target).unlink(missing_ok=True)
+        raise
+    return len(items)
+
+
+def _worker_signals() -> None:
+    """Workers leave Ctrl-C to the main process (which cleans up) and end quietly when it terminates them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _brace_pattern(output_dir: Path, prefix: str, count: int) -> str:
+    return str(output_dir / (f"{prefix}-000000.tar" if count == 1 else f"{prefix}-{{000000..{count - 1:06d}}}.tar"))
+
+
+def make_shards(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    shard_size: int = 10000,
+    num_workers: int = 4,
+    prefix: str | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    filename_column: str = "filename",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """
+    Write the shards (see the module docstring) and return their brace pattern.
+
+    Raises:
+        MakeShardsError: bad input files, an output that is a file, or existing shards without `overwrite`.
+    """
+    from tqdm.auto import tqdm
+
+    if shard_size < 1 or num_workers < 1:
+        raise MakeShardsError(f"--shard_size and --num_workers must be at least 1, got {shard_size}, {num_workers}.")
+    items = list_items(source, filename_column)
+    prefix = prefix or Path(source).expanduser().resolve().stem or "shard"
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MakeShardsError(f"{output_dir}: exists and is not a folder; pass a folder for the shards.")
+    existing = sorted(output_dir.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if existing and not overwrite:
+        raise MakeShardsError(
+            f"{output_dir} already holds {len(existing)} shards named {prefix}-*.tar; pass --overwrite to replace "
+            f"them, or another --prefix or output folder."
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MakeShardsError(f"{output_dir}: cannot create the folder ({error.strerror}).") from error
+    if shuffle:
+        items = [items[index] for index in np.random.default_rng(seed).permutation(len(items))]
+    finals = [output_dir / f"{prefix}-{index:06d}.tar" for index in range((len(items) + shard_size - 1) // shard_size)]
+    temporaries = [final.with_name(f"{final.name}.{os.getpid()}.partial") for final in finals]
+    jobs = [(str(temporary), items[i * shard_size : (i + 1) * shard_size]) for i, temporary in enumerate(temporaries)]
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with tqdm(total=len(items), desc="Packing audio files", unit="file", disable=not progress) as bar:
+            if num_workers == 1 or len(jobs) == 1:
+                for job in jobs:
+                    bar.update(_write_shard(job))
+            else:
+                with multiprocessing.Pool(min(num_workers, len(jobs)), initializer=_worker_signals) as pool:
+                    for written in pool.imap_unordered(_write_shard, jobs):
+                        bar.update(written)
+        for temporary, final in zip(temporaries, finals):
+            os.replace(temporary, final)
+    except BaseException:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    for stale in set(existing) - set(finals):
+        stale.unlink()
+    return _brace_pattern(output_dir, prefix, len(finals))
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dasheng-make-shards", description="Pack audio files into webdataset tar shards for pretraining."
+    )
+    parser.add_argument("source", help="CSV/TSV file list with a filename column, or a folder of audio files.")
+    parser.add_argument("output_dir", help="Folder for the shards.")
+    parser.add_argument("--shard_size", "--shard-size", type=int, default=10000, help="Files per shard (%(default)s).")
+    parser.add_argument(
+        "--num_workers", "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="Parallel writers."
+    )
+    parser.add_argument("--prefix", help="Shard name prefix (default: the list's or folder's name).")
+    parser.add_argument("--seed", type=int, default=0, help="Shuffling seed (%(default)s).")
+    parser.add_argument("--no_shuffle", "--no-shuffle", action="store_true", help="Keep the input order.")
+    parser.add_argument("--filename_column", "--filename-column", default="filename", help="Default %(default)s.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace shards of the same prefix in output_dir.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point (`dasheng-make-shards`, `python -m dasheng_hf.audio.make_shards`)."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    try:
+        pattern = make_shards(
+            arguments.source,
+            arguments.output_dir,
+            shard_size=arguments.shard_size,
+            num_workers=arguments.num_workers,
+            prefix=arguments.prefix,
+            seed=arguments.seed,
+            shuffle=not arguments.no_shuffle,
+            filename_column=arguments.filename_column,
+            overwrite=arguments.overwrite,
+        )
+    except MakeShardsError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except OSError as error:  # reading an input file or writing a shard failed midway; nothing was left behind
+        parser.exit(1, f"{parser.prog}: error: {error.filename or ''}: {error.strerror or error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; no shards were left behind.\n")
+    print(pattern, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
