@@ -209,6 +209,7 @@ class DashengPretrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # loss x crops, crops, skipped files
+        dataset.reset_skipped()  # the files this pass skipped, not those of earlier evaluations too
         with torch.no_grad():
             for batch in self.get_eval_dataloader(dataset):
                 batch = self._prepare_inputs(batch)
