@@ -77,13 +77,14 @@ def test_interrupted_publication_leaves_the_old_or_the_new_complete_set(sets, tm
             assert "holds the new complete set" in text and left == new
             outcome = "new set"
         elif point == "publishing":  # killed mid-rename: the journal says so, readers refuse, the next run finishes
-            assert f".train.publish.json" in left
+            assert ".train.publish.json" in left
             with pytest.raises(DashengAudioError, match="stopped while publishing shards there"):
                 DashengAudioDataset(str(output), crop_seconds=None)
             outcome = "journal"
         else:
             assert {key: value for key, value in left.items() if not key.endswith(".partial")} == {
-                **old, **({LOCK_NAME: []} if name == "SIGKILL" else {})
+                **old,
+                **({LOCK_NAME: []} if name == "SIGKILL" else {}),
             }
             if name != "SIGKILL":
                 assert "no new shard was published" in text and left == old

@@ -7,7 +7,6 @@ import os
 import pathlib
 import pickle
 import sys
-from pathlib import Path
 
 import pytest
 import torch
