@@ -3,9 +3,10 @@ Interrupts for long jobs: SIGINT, SIGTERM and SIGHUP all raise [`DashengInterrup
 tool cleans up the same way whichever arrives and ends with one line and exit status 130; [`finish_first`] holds them
 back while a short critical step (publishing files) completes.
 
-`fault_point(name)` is where a tool reaches a dangerous moment. With `DASHENG_FAULT_POINT=name` in the environment it
-writes `DASHENG_FAULT_POINT name PID` to stderr and waits there (up to `DASHENG_FAULT_PAUSE` seconds, default 30) so
-that a test can send a signal at exactly that moment; otherwise it does nothing.
+`fault_point(name)` is where a tool reaches a dangerous moment. With `DASHENG_FAULT_POINT=name` in the environment
+(or `name:N`, for its N-th arrival there only) it writes `DASHENG_FAULT_POINT name PID` to stderr and waits there
+(up to `DASHENG_FAULT_PAUSE` seconds, default 30) so that a test can send a signal at exactly that moment; otherwise
+it does nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = ["INTERRUPT_SIGNALS", "DashengInterrupted", "fault_point", "finish_fir
 INTERRUPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _pending: list[int] = []
 _holding = [0]
+_arrivals: dict[str, int] = {}
 
 
 class DashengInterrupted(KeyboardInterrupt):
@@ -77,7 +79,10 @@ def finish_first() -> Iterator[list[int]]:
 def fault_point(name: str) -> None:
     """Announce `name` and wait there when the tests ask for it (see the module docstring); else nothing."""
     wanted = os.environ.get("DASHENG_FAULT_POINT")
-    if not wanted or name not in wanted.split(","):
+    if not wanted:
+        return
+    _arrivals[name] = _arrivals.get(name, 0) + 1
+    if name not in wanted.split(",") and f"{name}:{_arrivals[name]}" not in wanted.split(","):
         return
     print(f"DASHENG_FAULT_POINT {name} {os.getpid()}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + float(os.environ.get("DASHENG_FAULT_PAUSE", "30"))
