@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fetch_suite import PACKAGE, suite_dir  # noqa: E402
+from fetch_suite import is_fetched, suite_dir  # noqa: E402
 
-if (suite_dir() / PACKAGE / "test_modeling_common.py").exists():
+if is_fetched():
     sys.path.insert(0, str(suite_dir()))
+    # The suites mark torch.export (Transformers 4) and accelerator tests `slow`: on a CPU only the former runs, in
+    # seconds for tiny configs, so they run unless RUN_SLOW says otherwise.
+    os.environ.setdefault("RUN_SLOW", "yes")
+    from transformers import testing_utils
+
+    testing_utils._run_slow_tests = testing_utils.parse_flag_from_env("RUN_SLOW", default=False)
 
 
 def pytest_configure(config):

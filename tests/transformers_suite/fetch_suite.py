@@ -22,7 +22,7 @@ import tempfile
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-__all__ = ["PACKAGE", "STUBS", "cache_root", "fetch", "suite_dir"]
+__all__ = ["FETCH_COMMAND", "PACKAGE", "STUBS", "SUITES", "cache_root", "fetch", "is_fetched", "suite_dir"]
 
 PACKAGE = "transformers_tests"
 FETCH_COMMAND = "python tests/transformers_suite/fetch_suite.py"
@@ -101,6 +101,11 @@ def suite_dir(version: str | None = None) -> Path:
     return cache_root() / (version or installed_version("transformers"))
 
 
+def is_fetched(version: str | None = None) -> bool:
+    """Whether the suites of `version` (default: the installed one) are in the cache."""
+    return (suite_dir(version) / PACKAGE / "test_modeling_common.py").exists()
+
+
 def _relative_imports(path: Path) -> set[str]:
     """Module paths (`generation/test_utils.py`) that a suite file imports relatively."""
     found = set()
@@ -145,7 +150,7 @@ def fetch(version: str | None = None, quiet: bool = False) -> Path:
     """Download and extract the suites of `version` unless they are cached; returns the folder for `sys.path`."""
     version = version or installed_version("transformers")
     target = suite_dir(version)
-    if (target / PACKAGE / "test_modeling_common.py").exists():
+    if is_fetched(version):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{version}-") as scratch:
@@ -171,7 +176,7 @@ def fetch(version: str | None = None, quiet: bool = False) -> Path:
         try:  # a whole folder or none: an interrupted fetch leaves nothing behind
             staging.rename(target)
         except OSError:
-            if not (target / PACKAGE / "test_modeling_common.py").exists():
+            if not is_fetched(version):
                 raise
             shutil.rmtree(staging)  # another process fetched it meanwhile
     return target
@@ -181,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", help="transformers version (default: the installed one)")
     parser.add_argument("--quiet", action="store_true", help="no pip output")
+    parser.add_argument("--check", action="store_true", help="fetch nothing; exit 1 unless the suites are there")
     args = parser.parse_args(argv)
+    if args.check:
+        raise SystemExit(0 if is_fetched(args.version) else 1)
     print(fetch(args.version, quiet=args.quiet))
 
 

@@ -11,6 +11,7 @@ import unittest
 from unittest import mock
 
 import torch
+import transformers
 from dasheng_testers import DashengModelTester, require_suite
 
 require_suite()
@@ -46,10 +47,17 @@ CHUNK_ATTENTION = (
     "Attention runs per 10.08 s chunk: weights are (batch, chunks, heads, 252, 252), not (batch, heads, tokens, "
     "tokens), for inputs longer than one chunk."
 )
+NO_MULTIMODAL = "Dasheng is one audio encoder: it has no vision, text or other sub-model to dispatch to."
 SQUARE_NOISE = (
     "The mixin draws ForPreTraining noise for square images (model_tester.image_size); Dasheng's noise is one value "
     "per pair of tokens. Eager and SDPA pretraining are compared with the original in test_pretraining_model.py."
 )
+NO_HEAD_PRUNING = "Dasheng has no head pruning and no head_mask input (Transformers 5 removed both from its models)."
+ZERO_SIZES = (
+    "Transformers 4's ConfigTester builds DashengConfig(hidden_size=0), which DashengConfig refuses: configs "
+    "validate their fields (the other ConfigTester checks run in test_config)."
+)
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 MASKED_SDPA_TESTS = sorted(
     name
     for name in dir(ModelTesterMixin)
@@ -66,6 +74,8 @@ class DashengSuiteMixin(ModelTesterMixin):
     layout = "one_chunk"
     for_pretraining = False
     test_resize_embeddings = False
+    test_pruning = False  # Transformers 4 only
+    test_head_masking = False  # Transformers 4 only
     test_resize_position_embeddings = False
     test_torch_exportable = True
     has_attentions = True
@@ -78,6 +88,18 @@ class DashengSuiteMixin(ModelTesterMixin):
         "test_resize_tokens_embeddings": NO_TOKENS,
         "test_resize_embeddings_untied": NO_TOKENS,
         "test_correct_missing_keys": ENCODER_PREFIX,
+        "test_sdpa_can_dispatch_composite_models": NO_MULTIMODAL,
+        **dict.fromkeys(
+            (
+                "test_head_pruning",
+                "test_head_pruning_integration",
+                "test_head_pruning_save_load_from_config_init",
+                "test_head_pruning_save_load_from_pretrained",
+                "test_headmasking",
+            ),
+            NO_HEAD_PRUNING,
+        ),
+        **({"test_config_common_properties": ZERO_SIZES} if TRANSFORMERS_4 else {}),
         **dict.fromkeys(MASKED_SDPA_TESTS, FRAME_MASK),
     }
 
@@ -106,7 +128,12 @@ class DashengSuiteMixin(ModelTesterMixin):
         )
 
     def test_config(self):
-        self.config_tester.run_common_tests()
+        # The common-properties step is test_config_common_properties, so that it can be skipped on its own.
+        with mock.patch.object(self.config_tester, "create_and_test_config_common_properties"):
+            self.config_tester.run_common_tests()
+
+    def test_config_common_properties(self):
+        self.config_tester.create_and_test_config_common_properties()
 
 
 class DashengModelTestMixin(DashengSuiteMixin):
