@@ -42,6 +42,7 @@ __all__ = [
     "DashengModelOutput",
     "DashengPackedSequences",
     "DashengPreTrainedModel",
+    "DashengWeightShapeError",
     "eager_attention_forward",
     "run_blocks",
 ]
@@ -290,6 +291,13 @@ class DashengEncoder(nn.Module):
         return input_values, mask
 
 
+class DashengWeightShapeError(ValueError, RuntimeError):
+    """
+    Weights whose shapes disagree with the config. A `ValueError` like this project's other errors, and the
+    `RuntimeError` that Transformers raises for size mismatches, so code written for either catches it.
+    """
+
+
 class DashengClassificationHead(nn.Sequential):
     """The original head: LayerNorm then Linear on the pooled embedding (`outputlayer.0`, `outputlayer.1`)."""
 
@@ -355,7 +363,7 @@ class DashengPreTrainedModel(PreTrainedModel):
                 ) from error
             if not isinstance(error, RuntimeError) or "mismatch" not in str(error):
                 raise
-            raise ValueError(
+            raise DashengWeightShapeError(
                 f"The weights of {pretrained_model_name_or_path} do not have the shapes its config describes "
                 f"(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size, "
                 f"target_length, num_labels/outputdim): config.json was edited or belongs to another checkpoint. "
