@@ -171,8 +171,10 @@ class DashengPackedSequences:
 
 class DashengChunkedSequences(DashengPackedSequences):
     """
-    The export layout of a batch: every clip cut into `ceil(num_tokens / chunk_num_tokens)` chunks of exactly
-    `chunk_num_tokens` tokens (padding included) with a key-padding mask, so that no shape depends on the data.
+    The export layout of a batch: every clip cut into `ceil(num_tokens / length)` chunks of exactly `length` tokens
+    (padding included) with a key-padding mask, so that no shape depends on the data. `length` is `chunk_num_tokens`,
+    or with `trim_short` `min(num_tokens, chunk_num_tokens)`, which spares a batch of short clips the padding to a
+    whole chunk (the ONNX exporter accepts the resulting shape formulas; `torch.export`'s guards do not).
 
     A real token attends only to the real tokens of its chunk, which is what the padding-free layout computes; padded
     tokens are computed too and zeroed by `unpack`. `torch.export` and the ONNX exporter trace this layout.
@@ -180,24 +182,34 @@ class DashengChunkedSequences(DashengPackedSequences):
     Args:
         valid_tokens: `(batch_size,)` int64 tokens of real audio per clip.
         batch_size, num_tokens: Shape of the source `(batch_size, num_tokens, hidden)`.
-        chunk_num_tokens: Tokens per chunk (the attention span).
+        chunk_num_tokens: Longest chunk (the attention span).
+        trim_short: Chunks of `min(num_tokens, chunk_num_tokens)` tokens.
     """
 
-    def __init__(self, valid_tokens: torch.Tensor, batch_size: int, num_tokens: int, chunk_num_tokens: int):
-        self.batch_size, self.num_tokens, self.chunk_num_tokens = batch_size, num_tokens, chunk_num_tokens
-        self.num_chunks = (num_tokens + chunk_num_tokens - 1) // chunk_num_tokens
-        self.padded_tokens = self.num_chunks * chunk_num_tokens
+    def __init__(
+        self,
+        valid_tokens: torch.Tensor,
+        batch_size: int,
+        num_tokens: int,
+        chunk_num_tokens: int,
+        trim_short: bool = False,
+    ):
+        self.batch_size, self.num_tokens = batch_size, num_tokens
+        length = torch.sym_min(num_tokens, chunk_num_tokens) if trim_short else chunk_num_tokens
+        self.chunk_num_tokens = length
+        self.num_chunks = (num_tokens + length - 1) // length
+        self.padded_tokens = self.num_chunks * length
         device = valid_tokens.device
         self.real = torch.arange(num_tokens, device=device)[None, :] < valid_tokens[:, None]  # (batch, num_tokens)
         # Built per sequence rather than reshaped from `real`: a reshape would make the exporter guard on sizes.
         sequence = torch.arange(batch_size * self.num_chunks, device=device)
         num_chunks = torch.scalar_tensor(self.num_chunks, dtype=torch.long, device=device)  # tensor arithmetic: ONNX
         clip = torch.div(sequence, num_chunks, rounding_mode="floor")
-        real_in_sequence = valid_tokens[clip] - (sequence - clip * num_chunks) * chunk_num_tokens
-        self.key_padding_mask = torch.arange(chunk_num_tokens, device=device)[None, :] < real_in_sequence[:, None]
+        first = (sequence - clip * num_chunks) * torch.scalar_tensor(length, dtype=torch.long, device=device)
+        self.key_padding_mask = torch.arange(length, device=device)[None, :] < (valid_tokens[clip] - first)[:, None]
         self.token_index = None
         self.total_tokens = batch_size * self.padded_tokens
-        self.groups = [(0, batch_size * self.num_chunks, chunk_num_tokens)]
+        self.groups = [(0, batch_size * self.num_chunks, length)]
 
     def __len__(self) -> int:
         raise TypeError("DashengChunkedSequences has a symbolic number of sequences; use num_chunks * batch_size.")
@@ -485,7 +497,9 @@ def encode_in_fixed_chunks(
     batch, num_tokens, _ = tokens.shape
     if valid_tokens is None:
         valid_tokens = torch.full((batch,), num_tokens, dtype=torch.long, device=tokens.device)
-    sequences = DashengChunkedSequences(valid_tokens, batch, num_tokens, blocks[0].attn.config.chunk_num_tokens)
+    chunk_num_tokens = blocks[0].attn.config.chunk_num_tokens
+    trim = torch.onnx.is_in_onnx_export()  # short batches: chunks only as long as the batch
+    sequences = DashengChunkedSequences(valid_tokens, batch, num_tokens, chunk_num_tokens, trim_short=trim)
     hidden_states, all_states, _ = run_blocks(blocks, sequences.pack(tokens), sequences, False, output_hidden_states)
     last_hidden_state = sequences.unpack(norm(hidden_states))
     pooled = last_hidden_state.sum(dim=1) / valid_tokens.clamp(min=1).to(last_hidden_state.dtype)[:, None]

@@ -6,6 +6,8 @@ Both graphs take `input_values (batch, 64, frames)` and `attention_mask (batch, 
 frames (at least `MIN_FRAMES`; pad shorter batches with mask 0) and return `last_hidden_state`, `pooler_output` and,
 for a model with a head, `logits`. Inside the graph each clip is cut into 10.08 s chunks of 252 tokens with a
 key-padding mask (the encoder's export layout), so any length works and a clip's last chunk sees only its real tokens.
+In the ONNX graph a batch shorter than 10.08 s runs as one chunk of its own length; the `torch.export` program pads
+every batch to whole 252-token chunks (its shape guards refuse the shorter layout), which costs time on short clips.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_onnx_runtime_matches_pytorch_and_the_original_on_real_speech(tiny_expor
 def test_exported_program_equals_eager(tiny_export, feature_extractor):
     model, folder = tiny_export
     program = torch.export.load(str(folder / "model.pt2"))
-    inputs = feature_extractor(_clips()[1:4], sampling_rate=16000, return_tensors="pt")
+    inputs = feature_extractor(_clips()[1:3], sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         # Keyword arguments and an int64 mask, as traced.
         hidden, pooled, logits = program.module()(
@@ -120,7 +120,7 @@ def test_numpy_front_end_reproduces_the_feature_extractor(tiny_export, feature_e
     """
     _, folder = tiny_export
     front_end = DashengNumpyFrontEnd.from_folder(folder)
-    clips = [*_clips(), 0.3 * torch.randn(16000, generator=torch.Generator().manual_seed(0))]
+    clips = [*_clips()[:4], 0.3 * torch.randn(16000, generator=torch.Generator().manual_seed(0))]
     for clip in clips:
         ours = front_end.log_mel(clip.numpy())
         exact = feature_extractor._log_mel([clip], torch.device("cpu"), torch.float64)[0].numpy()
@@ -192,13 +192,13 @@ def _nearest_neighbour_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> t
 
 def test_base_width_parity_and_int8_accuracy(tmp_path, feature_extractor):
     """
-    Base width (768, 12 heads; 4 layers to keep CI fast). ONNX fp32 equals PyTorch on a padded batch of real speech;
+    Base width (768, 12 heads; 2 layers to keep CI fast). ONNX fp32 equals PyTorch on a padded batch of real speech;
     int8 keeps each clip's embedding (cosine >= 0.99) and a 1-NN digit probe on 200 FSDD clips within 1 point of
     fp32. Random weights carry no trained meaning, so the probe compares the two graphs of the same model: fp32's
     accuracy is checked to be well above chance (10 %), and int8 must keep that accuracy and nearly every prediction.
     """
-    reference = make_reference_encoder(embed_dim=768, depth=4, num_heads=12, seed=5)
-    model = DashengModel(tiny_config(hidden_size=768, num_hidden_layers=4, num_attention_heads=12)).eval()
+    reference = make_reference_encoder(embed_dim=768, depth=2, num_heads=12, seed=5)
+    model = DashengModel(tiny_config(hidden_size=768, num_hidden_layers=2, num_attention_heads=12)).eval()
     model.load_state_dict(hf_state_dict(reference), strict=True)
     export_folder(model, tmp_path, "base-width-test", quantize="int8", pt2=False)
     fp32, int8 = (
