@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -23,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["build_parser", "export_folder", "main"]
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Fail before any heavy work: a missing model folder, an output folder in the way."""
+    from ..cli.preflight import HubResource, check_resources
+
+    check_resources([HubResource("MODEL", args.model)])  # a missing folder, or a Hub id not cached when offline
     model = Path(args.model).expanduser()
-    looks_like_path = model.is_absolute() or args.model.startswith((".", "~")) or args.model.count("/") != 1
-    if not model.exists() and (looks_like_path or not _HUB_ID.match(args.model)):
-        raise ValueError(f"MODEL folder {args.model} does not exist (nor is it a Hub id like mispeech/dasheng-base).")
     if model.exists() and not (model / "config.json").is_file():
         raise ValueError(f"MODEL folder {model} has no config.json: pass a folder saved with save_pretrained.")
     output = Path(args.output_dir)
