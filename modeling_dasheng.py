@@ -31,7 +31,14 @@ from transformers.utils import logging
 
 from .configuration_dasheng import DashengConfig, copy_code_files, front_end_mismatches
 from .feature_extraction_dasheng import DashengFeatureExtractor
-from .modeling_dasheng_layers import DashengLayer, DashengPackedSequences, eager_attention_forward, run_blocks
+from .modeling_dasheng_layers import (
+    DashengLayer,
+    DashengPackedSequences,
+    eager_attention_forward,
+    encode_in_fixed_chunks,
+    is_exporting,
+    run_blocks,
+)
 
 __all__ = [
     "DashengAudioClassificationPipeline",
@@ -131,7 +138,7 @@ class DashengPatchEmbeddings(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         patches = self.proj(spectrogram.unsqueeze(1).to(self.proj.weight.dtype))  # (batch, hidden, 1, tokens)
-        return patches.flatten(2).transpose(1, 2).contiguous()
+        return patches.squeeze(2).transpose(1, 2).contiguous()
 
 
 class DashengEncoder(nn.Module):
@@ -191,6 +198,11 @@ class DashengEncoder(nn.Module):
         input_values, attention_mask = self.check_inputs(input_values, attention_mask)
         tokens = self.pos_drop(self.embed(input_values, attention_mask))
         batch, num_tokens, _ = tokens.shape
+        if is_exporting():  # no shape may depend on the mask's values: fixed chunks with a key-padding mask
+            valid = None if attention_mask is None else self.num_valid_tokens(attention_mask)
+            return encode_in_fixed_chunks(
+                self.blocks, self.norm, tokens, valid, output_attentions, output_hidden_states
+            )
         valid_tokens = (
             [num_tokens] * batch if attention_mask is None else self.num_valid_tokens(attention_mask).tolist()
         )
@@ -276,6 +288,8 @@ class DashengEncoder(nn.Module):
                 f"needs one of shape {(input_values.shape[0], input_values.shape[-1])} (batch, frames): pass the mask "
                 f"the feature extractor returned with these features."
             )
+        if is_exporting():  # the checks below read the mask's values, which an exported graph cannot branch on
+            return input_values, attention_mask.to(torch.long)
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError(
                 "attention_mask must hold only 0 and 1 (1 = real frame, 0 = padding), in any dtype; got other values."

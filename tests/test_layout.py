@@ -11,8 +11,9 @@ from dasheng_hf.configuration_dasheng import CODE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_FILES = frozenset(Path(name).stem for name in CODE_FILES)
-SUBPACKAGES = ("audio", "cli", "conversion", "evaluation", "pretraining")
-TOOLS = frozenset({"conversion", "evaluation", "pretraining", "convert_checkpoint"})  # `cli` serves them all
+SUBPACKAGES = ("audio", "cli", "conversion", "deployment", "evaluation", "pretraining")
+# `cli` serves them all.
+TOOLS = frozenset({"conversion", "deployment", "evaluation", "pretraining", "convert_checkpoint"})
 ROOT_ITEMS = {
     *CODE_FILES,
     "__init__.py",
