@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         options = EvalOptions(**fields, columns=columns)
         check_options(options)
         check_output_folder(options.output_dir)
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # one progress bar on the console: the embedding's
         check_resources(_resources(arguments), advice=OFFLINE_ADVICE)
         with new_output_folder(Path(options.output_dir).expanduser()):
             run_evaluation(options)

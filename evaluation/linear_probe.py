@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .protocol import check_output_folder
 
         check_output_folder(arguments.output_dir)
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # one progress bar on the console: the embedding's
         check_resources(resources, advice=OFFLINE_ADVICE)
         with new_output_folder(Path(arguments.output_dir).expanduser()):
             run_protocol(ProbeOptions(**vars(arguments)))

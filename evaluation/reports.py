@@ -124,7 +124,7 @@ def write_results(
             writer.writerow(["index", "file", "fold", "labels", *(f"score:{name}" for name in names)])
             for index in np.flatnonzero(tested):
                 labels = ";".join(names[c] for c in np.flatnonzero(clips.labels[index]))
-                row_scores = [f"{value:.6g}" for value in scores[index]]
+                row_scores = [f"{value:.9g}" for value in scores[index]]  # float32, exactly
                 writer.writerow([index, clips.file(index), fold_of[index], labels, *row_scores])
         else:
             writer.writerow(["index", "file", "fold", "label", "prediction", "label_name", "prediction_name"])
