@@ -214,17 +214,18 @@ def test_two_processes_under_torchrun(esc50_dir, dasheng_dir, tmp_path):
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
-def test_offline_hub_dataset_fails_fast_with_how_to_pass_a_local_folder(tmp_path, monkeypatch, capsys):
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_offline_readme_command_names_the_model_and_the_dataset_at_once(tmp_path, capsys, monkeypatch):
+    """The README's first command offline: one error naming both Hub resources and what to pass instead."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "runs" / "esc50-dasheng-base"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", "nobody/not-a-cached-dataset", "--output-dir", str(tmp_path)])
+        main(["--model", "mispeech/dasheng-base", "--dataset", "ashraq/esc50", "--output-dir", str(output)])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "nobody/not-a-cached-dataset" in message and "--dataset /path/to/ESC-50-master" in message
+    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    assert "--model 'mispeech/dasheng-base'" in message and "--dataset 'ashraq/esc50'" in message
+    assert "dasheng-convert" in message and "--dataset /path/to/ESC-50-master" in message
+    assert not (tmp_path / "runs").exists()
 
 
 def test_clear_errors_for_bad_inputs(esc50_dir, tiny_dasheng_dir, tmp_path, capsys):
