@@ -185,6 +185,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
     total = sum(part.num_clips or 0 for part in mine) if all(part.num_clips for part in mine) else None
     bar = tqdm(total=total, unit="clip", desc="Embedding", disable=rank != 0, dynamic_ncols=True)
     seconds, skipped = 0.0, 0
+    loop_started = time.perf_counter()
 
     def flush(number: int) -> None:
         batch = pending.pop(number, [])
@@ -221,6 +222,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
         elapsed = time.perf_counter() - started
         bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {seconds / 3600 / elapsed:.3g} audio-h/s", refresh=False)
     bar.close()
+    loop_seconds = time.perf_counter() - loop_started
     if world_size > 1:
         torch.distributed.barrier()
     info = None
@@ -234,6 +236,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
                 "frame_rate": FRAME_RATE,
                 "frame_time": "centre of token i: 0.04 * i + 0.015 s",
                 "num_processes": world_size,
+                "embedding_seconds": loop_seconds,  # rank 0's: reading, features and model, not loading
             },
         )
         hours = info["audio_hours"]
