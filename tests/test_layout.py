@@ -12,7 +12,8 @@ from dasheng_hf.configuration_dasheng import CODE_FILES
 REPO = Path(__file__).resolve().parents[1]
 HUB_FILES = frozenset(Path(name).stem for name in CODE_FILES)
 SUBPACKAGES = ("audio", "cli", "conversion", "embedding", "evaluation", "pretraining")
-TOOLS = frozenset({"conversion", "embedding", "evaluation", "pretraining", "convert_checkpoint"})  # `cli` serves them all
+# `cli` serves them all
+TOOLS = frozenset({"conversion", "embedding", "evaluation", "pretraining", "convert_checkpoint"})
 ROOT_ITEMS = {
     *CODE_FILES,
     "__init__.py",

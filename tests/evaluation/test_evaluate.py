@@ -236,3 +236,27 @@ def test_readme_csv_example_columns(tmp_path):
         writer.writerows([[path, f"{path.stem[0]},{'odd' if int(path.stem[0]) % 2 else 'even'}"] for path in files])
     clips = load_labelled_clips(str(table), DatasetColumns(label_separator=","))
     assert clips.multi_label and clips.labels.shape == (len(files), 12) and (clips.labels.sum(axis=1) == 2).all()
+
+
+@pytest.mark.parametrize(
+    "module", ["dasheng_hf.evaluation.evaluate", "dasheng_hf.evaluation.linear_probe", "dasheng_hf.embedding.embed"]
+)
+def test_help_is_parsed_before_torch_or_transformers_are_imported(module):
+    """The commands' own modules import torch and transformers only after parsing (the package's light
+    `__init__` is stubbed here, so that only the command's module is measured)."""
+    import subprocess
+    import sys
+
+    import dasheng_hf
+
+    code = (
+        "import importlib, sys, types\n"
+        f"package = types.ModuleType('dasheng_hf'); package.__path__ = [{str(Path(dasheng_hf.__file__).parent)!r}]\n"
+        "sys.modules['dasheng_hf'] = package\n"
+        f"module = importlib.import_module({module!r})\n"
+        "try:\n    module.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'numpy') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--output-dir" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
