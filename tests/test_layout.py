@@ -11,9 +11,9 @@ from dasheng_hf.configuration_dasheng import CODE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_FILES = frozenset(Path(name).stem for name in CODE_FILES)
-SUBPACKAGES = ("audio", "cli", "conversion", "deployment", "evaluation", "pretraining")
+SUBPACKAGES = ("audio", "cli", "conversion", "deployment", "embedding", "evaluation", "pretraining")
 # `cli` serves them all.
-TOOLS = frozenset({"conversion", "deployment", "evaluation", "pretraining", "convert_checkpoint"})
+TOOLS = frozenset({"conversion", "deployment", "embedding", "evaluation", "pretraining", "convert_checkpoint"})
 ROOT_ITEMS = {
     *CODE_FILES,
     "__init__.py",
