@@ -26,7 +26,7 @@ from dasheng_hf.configuration_dasheng import DashengConfig
 from dasheng_hf.conversion import output_folder
 from dasheng_hf.conversion.model_card import build_model_card
 from dasheng_hf.convert_checkpoint import main
-from helpers import DATA_DIR, concatenated_fsdd, fsdd_files, hf_state_dict, make_reference_encoder, max_abs_diff
+from helpers import concatenated_fsdd, fsdd_files, hf_state_dict, labels_file, make_reference_encoder, max_abs_diff
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -38,7 +38,6 @@ from transformers import (
 from transformers.pipelines.audio_utils import ffmpeg_read
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-AUDIOSET_LABELS = DATA_DIR / "labels" / "audioset_class_labels_indices.csv"
 TOLERANCE = 1e-4
 
 
@@ -188,7 +187,19 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Modul
 def test_classifier_gives_the_original_logits_and_pipeline_labels(classifier, tmp_path: Path, capsys) -> None:
     reference, head, checkpoint = classifier
     folder = tmp_path / "audioset"
-    assert main(["--checkpoint", str(checkpoint), "--output", str(folder), "--labels", str(AUDIOSET_LABELS)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(folder),
+                "--labels",
+                str(labels_file("audioset_class_labels_indices.csv")),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "under the prefix 'encoder.'" in out and "all 23 encoder tensors matched" in out
 
@@ -232,7 +243,14 @@ def test_labels_must_cover_every_output(classifier, tmp_path: Path, capsys) -> N
 
 
 def test_labels_on_an_encoder_are_refused(tiny, tmp_path: Path, capsys) -> None:
-    args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--labels", str(AUDIOSET_LABELS)]
+    args = [
+        "--checkpoint",
+        str(tiny[1]),
+        "--output",
+        str(tmp_path / "out"),
+        "--labels",
+        str(labels_file("audioset_class_labels_indices.csv")),
+    ]
     assert main(args) == 1
     assert "--labels only applies to classifiers" in capsys.readouterr().err
 
