@@ -7,5 +7,5 @@ Evaluating Dasheng's embeddings and serving them to benchmark harnesses.
 - `hear.py`: the HEAR 2021 API (`python -m heareval.embeddings.runner dasheng_hf.evaluation.hear`).
 - `xares.py`: the X-ARES / xares-llm encoder.
 
-May import: the Hub files, `audio`, and torch, transformers and the `examples` extra.
+May import: the Hub files, `audio`, `cli`, and torch, transformers and the `examples` extra.
 """
