@@ -107,6 +107,11 @@ def register_auto_classes() -> None:
         _remove_hook()
 
 
+def _watched(name: str) -> bool:
+    """transformers and its submodules (not the `transformers_modules` of remote code), and our Hub modules."""
+    return name == "transformers" or name.startswith("transformers.") or name in _HUB_MODULES
+
+
 def _initializing(name: str) -> bool:
     module = sys.modules.get(name)
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
@@ -117,7 +122,7 @@ def _register_when_ready(just_run: str = "") -> None:
     modules is half-way (registering then would see half-initialised modules); `just_run` has just finished."""
     if _registered or _AUTO_CONFIG_MODULE not in sys.modules:
         return
-    busy = [name for name in list(sys.modules) if name.startswith(("transformers", *_HUB_MODULES)) and name != just_run]
+    busy = [name for name in list(sys.modules) if _watched(name) and name != just_run]
     if any(_initializing(name) for name in busy):
         return  # retried when the import under way finishes
     try:
@@ -149,7 +154,7 @@ class _RegistrationHook(importlib.abc.MetaPathFinder):
     completes the Auto classes (or ends the import that loaded them) triggers the registration."""
 
     def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> Any:
-        if not (fullname == "transformers" or fullname.startswith("transformers.") or fullname in _HUB_MODULES):
+        if not _watched(fullname):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
