@@ -334,6 +334,7 @@ class DashengPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["DashengLayer"]
     _keep_in_fp32_modules = ["init_bn"]
+    head_is_trained = True  # False when from_pretrained found no head in the folder: it starts from random weights
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -366,9 +367,14 @@ class DashengPreTrainedModel(PreTrainedModel):
         weight must be finite and BatchNorm variances non-negative (`check_weights`), and the folder's
         `preprocessor_config.json`, if any, must compute the features the weights were trained on (the front end
         in the config). Pass `check_front_end=False` to load a model whose feature extractor differs on purpose.
+        A classification head missing from the folder (an encoder-only checkpoint) starts from random weights: one
+        warning line says so, `head_is_trained` is then False, and the audio-classification pipeline refuses it.
         """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         except Exception as error:
             if type(error).__name__ == "SafetensorError":
                 raise ValueError(
@@ -384,11 +390,18 @@ class DashengPreTrainedModel(PreTrainedModel):
                 f"Restore it, or pass ignore_mismatched_sizes=True to re-initialise the differing tensors. "
                 f"({error})"
             ) from error
-        model = loaded[0] if kwargs.get("output_loading_info") else loaded
         model.check_weights()
         if check_front_end:
             model._check_front_end(pretrained_model_name_or_path, kwargs)
-        return loaded
+        missing_head = [key for key in loading_info["missing_keys"] if key.startswith("outputlayer.")]
+        if missing_head and getattr(model, "outputlayer", None) is not None:
+            model.head_is_trained = False
+            logger.warning(
+                f"{type(model).__name__}: {pretrained_model_name_or_path} holds no classification head "
+                f"({len(missing_head)} outputlayer tensors missing), so its {model.outputlayer[-1].out_features} "
+                f"outputs are random until it is fine-tuned; for embeddings use DashengModel's pooler_output."
+            )
+        return (model, loading_info) if wants_loading_info else model
 
     def check_weights(self) -> None:
         """Raise `ValueError` naming the first tensor that holds NaN or infinity, or a negative BatchNorm variance."""
@@ -610,8 +623,19 @@ class DashengAudioClassificationPipeline(AudioClassificationPipeline):
     Audio classification pipeline that batches clips of different lengths (`batch_size > 1`).
 
     Transformers' default collation pads axis 1, which for Dasheng's `(1, mel bins, frames)` features is the mel
-    axis; this pipeline pads frames instead and always passes the frame mask.
+    axis; this pipeline pads frames instead and always passes the frame mask. It refuses a classifier whose head was
+    never trained (loaded from an encoder-only folder): its labels would be random.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self.model, "head_is_trained", True) is False:
+            raise ValueError(
+                f"{getattr(self.model.config, '_name_or_path', '') or 'This model'} has no trained classification "
+                f"head (an encoder-only checkpoint), so its labels would be random: fine-tune it first, or load a "
+                f"classifier (e.g. `dasheng-convert --checkpoint dasheng-audioset`); for embeddings use AutoModel "
+                f"and pooler_output."
+            )
 
     def _sanitize_parameters(self, top_k: int | None = None, function_to_apply: str | None = None, **kwargs: Any):
         preprocess, forward, postprocess = super()._sanitize_parameters(

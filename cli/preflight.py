@@ -56,12 +56,13 @@ def _looks_like_path(reference: str) -> bool:
     )
 
 
-def _cached(reference: str, kind: str) -> bool:
-    """Whether the local Hugging Face cache holds a snapshot of this repo."""
+def _cached(reference: str, kind: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the local Hugging Face cache (or `cache_dir`) holds a snapshot of this repo."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=reference, repo_type=kind) / "snapshots"
+    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    snapshots = cache / repo_folder_name(repo_id=reference, repo_type=kind) / "snapshots"
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
@@ -88,7 +89,12 @@ def _ask_hub(resources: list[HubResource], timeout: float) -> dict[HubResource, 
     return problems
 
 
-def check_resources(resources: Iterable[HubResource], advice: str = "", timeout: float = 10.0) -> None:
+def check_resources(
+    resources: Iterable[HubResource],
+    advice: str = "",
+    timeout: float = 10.0,
+    cache_dir: str | os.PathLike | None = None,
+) -> None:
     """
     Checks every model and dataset a command needs before any work and raises one [`DashengPreflightError`]
     naming all that are missing: local paths must exist; Hub ids must be in the local cache or, unless
@@ -99,6 +105,7 @@ def check_resources(resources: Iterable[HubResource], advice: str = "", timeout:
         resources: what the command needs.
         advice: what to pass instead, appended to the message (for example the converter's command).
         timeout: seconds to wait for the Hub per request.
+        cache_dir: the Hugging Face cache the command reads (`cache_dir=` of `from_pretrained`), if not the default.
     """
     problems: dict[HubResource, str] = {}
     remote = []
@@ -108,7 +115,7 @@ def check_resources(resources: Iterable[HubResource], advice: str = "", timeout:
             continue
         if _looks_like_path(reference):
             problems[resource] = "does not exist (no such file or folder)"
-        elif _cached(reference, resource.kind):
+        elif _cached(reference, resource.kind, cache_dir):
             continue
         elif _offline():
             problems[resource] = "is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (no downloads)"
