@@ -25,6 +25,7 @@ __all__ = [
     "canonical_preset_name",
     "copy_code_files",
     "front_end_mismatches",
+    "json_object",
 ]
 
 logger = logging.get_logger(__name__)
@@ -486,12 +487,10 @@ class DashengConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DashengConfig:
-        """
-        Build a config from a `config.json` dict. Arguments of `__init__` among `kwargs` (as in
+        """Build a config from a `config.json` object. Arguments of `__init__` among `kwargs` (as in
         `from_pretrained(folder, hidden_size=...)`) go through `__init__` like the file's values, so they are
-        checked and override what `encoder_kwargs` of an old config says about the same field.
-        """
-        config_dict = dict(config_dict)
+        checked and override what `encoder_kwargs` of an old config says about the same field."""
+        config_dict = dict(json_object(config_dict, "config.json"))
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in _init_arguments(cls)}
         encoder_kwargs = config_dict.get("encoder_kwargs")
         if overrides and isinstance(encoder_kwargs, Mapping):
@@ -502,6 +501,10 @@ class DashengConfig(PretrainedConfig):
             }
         config_dict.update(overrides)
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        return dict(json_object(super()._dict_from_json_file(json_file), json_file))
 
     @property
     def encoder_kwargs(self) -> Mapping[str, Any]:
@@ -597,6 +600,14 @@ def _auto_map() -> dict[str, str]:
     """`_AUTO_MAP` less the classes whose code file is not beside this one: a folder never names a missing file."""
     here = Path(__file__).resolve().parent
     return {auto: target for auto, target in _AUTO_MAP.items() if (here / f"{target.split('.')[0]}.py").exists()}
+
+
+def json_object(value: Any, source: Any) -> Mapping[str, Any]:
+    """`value`, read from the JSON file `source`, if it is an object; else a one-line `ValueError` naming the file."""
+    if not isinstance(value, Mapping):
+        kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+        raise ValueError(f"{source} holds {kind}, not a JSON object {{...}} of settings; fix or re-save the folder.")
+    return value
 
 
 def front_end_mismatches(config: Any, feature_extractor: Any) -> list[str]:

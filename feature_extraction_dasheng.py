@@ -15,7 +15,7 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import PaddingStrategy, TensorType, logging
 
-from .configuration_dasheng import copy_code_files
+from .configuration_dasheng import copy_code_files, json_object
 
 __all__ = ["DashengFeatureExtractor", "htk_mel_filter_bank"]
 
@@ -250,10 +250,9 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
 
     @classmethod
     def from_dict(cls, feature_extractor_dict: dict[str, Any], **kwargs: Any) -> Any:
-        """
-        From a `preprocessor_config.json` dict; settings among `kwargs` override it, also those it lacks. The first
-        port's configs (no `top_db`) padded waveforms with zeros: their `padding_value` 0.0 becomes None (silence).
-        """
+        """From a `preprocessor_config.json` object; settings among `kwargs` override it, also those it lacks. The
+        first port's configs (no `top_db`) padded with zeros: their `padding_value` 0.0 becomes None (silence)."""
+        feature_extractor_dict = json_object(feature_extractor_dict, "preprocessor_config.json")
         if "top_db" not in feature_extractor_dict and feature_extractor_dict.get("padding_value") == 0.0:
             feature_extractor_dict = {**feature_extractor_dict, "padding_value": None}
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}

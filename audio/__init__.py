@@ -7,6 +7,6 @@ The data layer every tool reads audio through.
   from here.
 - `make_shards.py`: packing audio files into webdataset tar shards (`dasheng-make-shards`).
 
-May import: torch, numpy and the audio libraries of the extras (soundfile, torchcodec, webdataset, datasets), and the
-Hub files. Never a tool (`evaluation`, `pretraining`, `conversion`).
+May import: torch, numpy and the audio libraries of the extras (soundfile, torchcodec, webdataset, datasets), the
+Hub files, and `jobs` (locks and interrupts). Never a tool (`evaluation`, `pretraining`, `conversion`).
 """

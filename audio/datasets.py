@@ -117,6 +117,9 @@ class _SkipCounter:
     def total(self) -> int:
         return int(self.counts.sum())
 
+    def reset(self) -> None:
+        self.counts.zero_()
+
 
 class DashengAudioClips(torch.utils.data.Dataset):
     """
@@ -217,8 +220,15 @@ class DashengAudioDataset(torch.utils.data.IterableDataset):
 
     @property
     def num_skipped(self) -> int:
-        """Files (or damaged shards) skipped so far by this process and its dataloader workers."""
+        """
+        Distinct files (or damaged shards) skipped so far by this process and its dataloader workers: each is
+        counted (and warned about) in the first epoch an iteration reads, not again in the epochs that repeat it.
+        """
         return self._skipped.total
+
+    def reset_skipped(self) -> None:
+        """Start counting skipped files afresh (before another pass over evaluation data)."""
+        self._skipped.reset()
 
     def consumer(self) -> tuple[int, int]:
         """`(index, count)` of the reader this code runs in: process rank x dataloader workers + worker id."""
@@ -234,10 +244,11 @@ class DashengAudioDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         consumer, consumers = self.consumer()
-        epoch = self.epoch
+        epoch = first = self.epoch
         while True:
             count = 0
-            for item in self._shuffled(self._epoch_crops(epoch, consumer, consumers), epoch, consumer):
+            crops = self._epoch_crops(epoch, consumer, consumers, count_skips=epoch == first)
+            for item in self._shuffled(crops, epoch, consumer):
                 count += 1
                 yield item
             if not self.repeat:
@@ -249,7 +260,7 @@ class DashengAudioDataset(torch.utils.data.IterableDataset):
                 )
             epoch += 1
 
-    def _epoch_crops(self, epoch: int, consumer: int, consumers: int) -> Iterator[dict[str, Any]]:
+    def _epoch_crops(self, epoch: int, consumer: int, consumers: int, count_skips: bool) -> Iterator[dict[str, Any]]:
         order = np.arange(len(self.units))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
@@ -268,14 +279,14 @@ class DashengAudioDataset(torch.utils.data.IterableDataset):
                 except StopIteration:
                     break
                 except Exception as error:  # a damaged shard: skip the rest of it
-                    if keep_record is None or record_number % consumers == keep_record:
+                    if count_skips and (keep_record is None or record_number % consumers == keep_record):
                         name = getattr(self.units[index], "path", str(index))
                         self._skipped.add(DashengAudioError(f"{name}: damaged, the rest of it is skipped ({error})."))
                     break
                 number, record_number = record_number, record_number + 1
                 if keep_record is not None and number % consumers != keep_record:
                     continue
-                owner = keep_crop is None or number % consumers == keep_crop  # warns and counts a bad file
+                owner = count_skips and (keep_crop is None or number % consumers == keep_crop)  # warns and counts
                 try:
                     if isinstance(record, DashengAudioError):
                         raise record

@@ -12,10 +12,12 @@ import io
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is resampled: decoding files needs only numpy
+    import torch
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -49,7 +51,7 @@ def resample(waveform: np.ndarray | torch.Tensor, orig_rate: int, new_rate: int)
         return waveform
     divisor = math.gcd(int(orig_rate), int(new_rate))
     up, down = int(new_rate) // divisor, int(orig_rate) // divisor
-    is_torch = isinstance(waveform, torch.Tensor)
+    is_torch = type(waveform).__module__.startswith("torch")
     signal = np.asarray(waveform.detach().float().cpu() if is_torch else waveform, dtype=np.float32)
     kernel, half_width = _sinc_kernel(down, up)
     shape, length = signal.shape[:-1], signal.shape[-1]
@@ -59,7 +61,11 @@ def resample(waveform: np.ndarray | torch.Tensor, orig_rate: int, new_rate: int)
     for start in range(0, windows.shape[1], _BLOCK_STEPS):
         output[:, start : start + _BLOCK_STEPS] = windows[:, start : start + _BLOCK_STEPS] @ kernel
     output = output.reshape(*shape, -1)[..., : math.ceil(length * up / down)]
-    return torch.from_numpy(output).to(waveform.device, waveform.dtype) if is_torch else output
+    if not is_torch:
+        return output
+    import torch
+
+    return torch.from_numpy(output).to(waveform.device, waveform.dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -89,6 +95,7 @@ def decode_audio(
     if not is_bytes and not os.path.isfile(source):
         reason = "does not exist" if not os.path.exists(source) else "is not a regular file"
         raise DashengAudioError(f"{name}: {reason}.")
+    _check_wav_length(source, name, is_bytes)
     try:
         import soundfile
 
@@ -101,6 +108,32 @@ def decode_audio(
     if not np.isfinite(waveform).all():
         raise DashengAudioError(f"{name}: holds NaN or infinite samples.")
     return np.asarray(resample(waveform, rate, sampling_rate), dtype=np.float32)
+
+
+def _check_wav_length(source: Any, name: str, is_bytes: bool) -> None:
+    """Refuse a WAV file whose data chunk is shorter than its header says (decoders read what is there silently)."""
+    try:
+        handle = io.BytesIO(bytes(source)) if is_bytes else open(source, "rb")
+    except OSError:
+        return  # the decoder reports it
+    with handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        total = handle.seek(0, io.SEEK_END)
+        offset = 12
+        while offset + 8 <= total:
+            handle.seek(offset)
+            chunk, size = handle.read(4), int.from_bytes(handle.read(4), "little")
+            if chunk == b"data":
+                available = total - offset - 8
+                if 0 < size < 0xFFFFFFFF and size > available:  # 0 and 0xFFFFFFFF: a stream of unknown length
+                    raise DashengAudioError(
+                        f"{name}: truncated: its WAV header declares {size} bytes of audio but the file holds "
+                        f"{available} ({100 * available / size:.0f}%); copy or download it again."
+                    )
+                return
+            offset += 8 + size + (size & 1)
 
 
 def _decode_with_torchcodec(source: Any, name: str, soundfile_error: Exception) -> tuple[np.ndarray, int]:

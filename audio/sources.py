@@ -173,7 +173,9 @@ class TarShard:
                 key = member_key
                 parts[extension.lower()] = tar.extractfile(member).read()
             end = tar.offset
-        if not self.path.endswith(".tar") or os.path.getsize(self.path) >= end + 2 * tarfile.BLOCKSIZE:
+        with open(self.path, "rb") as handle:
+            compressed = handle.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))  # gzip, bzip2, xz
+        if compressed or os.path.getsize(self.path) >= end + 2 * tarfile.BLOCKSIZE:
             if parts:
                 yield self._record(key, parts)
         else:  # a plain tar cut at a header ends like a complete one, but for its end-of-archive blocks
@@ -242,7 +244,7 @@ def _resolve(source: Any, audio_column: str, split: str) -> list[AudioRecord | T
     text = os.fspath(source)
     local = Path(text).expanduser()
     if ".tar" in text and (glob.has_magic(text) or "{" in text or local.is_file()):
-        return [TarShard(path) for path in expand_pattern(text)]
+        return _unpublished_check([TarShard(path) for path in expand_pattern(text)])
     if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():  # save_to_disk
         return _load_datasets_source(text, audio_column, split)
     if local.is_dir():
@@ -251,7 +253,7 @@ def _resolve(source: Any, audio_column: str, split: str) -> list[AudioRecord | T
             return [AudioRecord(key=str(f.relative_to(local)), origin=str(f), path=str(f)) for f in files]
         shards = sorted(str(path) for path in local.glob("*.tar"))
         if shards:
-            return [TarShard(path) for path in shards]
+            return _unpublished_check([TarShard(path) for path in shards])
         raise DashengAudioError(f"{local}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) or .tar shards in it.")
     if local.is_file() and local.suffix[1:].lower() in AUDIO_EXTENSIONS:
         return [AudioRecord(key=local.name, origin=str(local), path=str(local))]
@@ -263,6 +265,18 @@ def _resolve(source: Any, audio_column: str, split: str) -> list[AudioRecord | T
     if looks_like_path or local.suffix[1:].lower() in (*AUDIO_EXTENSIONS, "csv", "tsv", "tar", "txt"):
         raise DashengAudioError(f"{text}: no such file or folder.")
     return _load_datasets_source(text, audio_column, split)
+
+
+def _unpublished_check(shards: list[TarShard]) -> list[TarShard]:
+    """Refuse shards whose folder holds the journal of a set `dasheng-make-shards` was killed while publishing."""
+    for folder in sorted({os.path.dirname(os.path.abspath(shard.path)) for shard in shards}):
+        journals = sorted(glob.glob(os.path.join(glob.escape(folder), ".*.publish.json")))
+        if journals:
+            raise DashengAudioError(
+                f"{folder}: dasheng-make-shards was stopped while publishing shards there ({journals[0]}), so old and "
+                f"new shards may be mixed; run dasheng-make-shards on that folder again (it completes the set first)."
+            )
+    return shards
 
 
 def resolve_sources(sources: Any, audio_column: str, split: str) -> list[AudioRecord | TarShard | _DatasetRow]:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
 import re
 import stat
 import struct
@@ -97,6 +98,7 @@ def _download(url: str) -> Path:
     return target
 
 
+_MAX_NESTING = 32  # levels of dicts/lists/tuples in a checkpoint; more is not a checkpoint
 _FILE_KINDS = {
     stat.S_IFIFO: "a named pipe (FIFO)",
     stat.S_IFSOCK: "a socket",
@@ -186,44 +188,132 @@ def load_torch_file(path: Path) -> Any:
 
     Files that are not checkpoints or are damaged, and pickles that refer to code, each get their own message.
     """
-    is_zip = _sniff(path, check_file(path, "checkpoint"))
+    try:
+        is_zip = _sniff(path, check_file(path, "checkpoint"))
+    except ConversionError:  # a bare pickle of protocol 0 is text, and may still carry code: name it as such
+        code = _code_references(path, False) if path.is_file() else []
+        if code:
+            raise ConversionError(_describe_unsafe_pickle(path, code[0], code, False)) from None
+        raise
     if is_zip:
         _check_zip(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. about pickle protocols it may not support
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        code = _code_references(path, is_zip)
+        if code:
+            culprit = refused.group(1) if refused and refused.group(1) in code else code[0]
+            raise ConversionError(_describe_unsafe_pickle(path, culprit, code, is_zip)) from None
         if refused:
-            try:
-                roots = _inert_pickles(path, is_zip)
-            except Exception:  # a stream that does not parse: damaged, not code
-                roots = None
-            if roots is not None:
-                raise ConversionError(_describe_unsafe_pickle(path, refused.group(1), roots)) from None
             raise _damaged(path, "its pickled data is cut short or corrupted") from None
         found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
         raise _damaged(path, found.group(1).splitlines()[0] if found else str(error)) from None
+    except RecursionError:
+        raise _damaged(path, "its data is nested too deeply to be a checkpoint") from None
     except OSError as error:
         raise ConversionError(f"Cannot read {path}: {error.strerror or error}.") from None
     except _DAMAGED_FILE_ERRORS as error:
         raise _damaged(path, str(error) or type(error).__name__) from None
+    if _nesting_depth(loaded) > _MAX_NESTING:
+        raise ConversionError(
+            f"{path} nests lists, tuples or dicts more than {_MAX_NESTING} levels deep; a checkpoint holds "
+            f"tensors and settings a few levels deep. Re-save it with the state dict and a flat config."
+        )
+    return loaded
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply dicts, lists and tuples nest in `value` (iteratively: any depth is measured without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > _MAX_NESTING:
+            return deepest
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _pickle_streams(path: Path, is_zip: bool) -> Iterator[Any]:
+    """Binary streams positioned at each pickle of `path` (the data.pkl of a zip; the legacy format's first four)."""
+    if is_zip:
+        with zipfile.ZipFile(path) as archive:
+            name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
+            with archive.open(name) as stream:
+                yield stream
+        return
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        # The legacy format: magic number, protocol, system info, then the data, each its own pickle.
+        for _ in range(4):
+            if handle.tell() >= size:
+                break
+            yield handle
+
+
+def _code_references(path: Path, is_zip: bool) -> list[str]:
+    """
+    The globals (`module.name`) the pickles of `path` refer to that `torch.load(weights_only=True)` does not allow,
+    read from the opcodes alone (nothing is built or run); `[]` if there are none or the stream does not parse.
+    """
+    found: list[str] = []
+    try:
+        for stream in _pickle_streams(path, is_zip):
+            strings: list[str] = []  # recent string constants: STACK_GLOBAL takes its module and name from them
+            memo: dict[int, str | None] = {}
+            last: str | None = None  # the string the previous opcode pushed, if it pushed one
+            for opcode, argument, _ in pickletools.genops(stream):
+                name, pushed = None, None
+                if opcode.name in ("GLOBAL", "INST"):
+                    name = argument.replace(" ", ".", 1)
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                elif "UNICODE" in opcode.name or "STRING" in opcode.name:
+                    pushed = str(argument)
+                elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    memo[len(memo) if argument is None else argument] = last
+                    pushed = last
+                elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed = memo.get(argument)
+                elif opcode.name.startswith("EXT"):
+                    name = f"copyreg extension {argument}"
+                if pushed is not None and opcode.name not in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    strings.append(pushed)
+                last = pushed
+                if name is not None:
+                    name = name.replace("__builtin__.", "builtins.", 1)
+                    if not _allowed_global(name) and name not in found:
+                        found.append(name)
+    except Exception:  # a stream that does not parse to its end: damaged, not code
+        return []
+    return found
+
+
+def _allowed_global(name: str) -> bool:
+    """Whether `torch.load(weights_only=True)` loads the global `module.name` (its allowlist, where torch has one)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        allowed = set(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):  # private in torch: fall back to what checkpoints hold
+        allowed = {"collections.OrderedDict", "_codecs.encode"}
+    allowed |= {f"{item.__module__}.{item.__qualname__}" for item in torch.serialization.get_safe_globals()
+                if hasattr(item, "__qualname__")}  # fmt: skip
+    return name in allowed or name.startswith("torch.")
 
 
 def _inert_pickles(path: Path, is_zip: bool) -> list[Any]:
     """The pickled objects of `path` with every global made inert; raises whatever a malformed stream raises."""
-    if is_zip:
-        with zipfile.ZipFile(path) as archive:
-            name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-            return [_InertUnpickler(archive.open(name)).load()]
-    roots = []
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        # The legacy format: magic number, protocol, system info, then the data, each its own pickle.
-        while len(roots) < 4 and handle.tell() < size:
-            roots.append(_InertUnpickler(handle).load())
-    return roots
+    return [_InertUnpickler(stream).load() for stream in _pickle_streams(path, is_zip)]
 
 
 class _Opaque:
@@ -233,6 +323,9 @@ class _Opaque:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Opaque:  # a callable built by the file (`getattr(...)(...)`)
+        return self
 
     def __setstate__(self, state: Any) -> None:
         pass
@@ -258,17 +351,24 @@ class _InertUnpickler(pickle.Unpickler):
         return _Opaque(pid)
 
 
-def _describe_unsafe_pickle(path: Path, culprit: str, roots: list[Any]) -> str:
+def _describe_unsafe_pickle(path: Path, culprit: str, code: list[str], is_zip: bool) -> str:
     """Say which object made `weights_only=True` refuse `path`, and where it sits (e.g. `config['norm_layer']`)."""
     names = {culprit, f"builtins.{culprit}"}  # torch names builtins without their module (`exec`)
-    places = [(where, value.qualname) for root in roots for where, value in _walk(root, "") if value.qualname in names]
-    culprit = places[0][1] if places else culprit
+    try:
+        roots = _inert_pickles(path, is_zip)
+        places = [(where, value.qualname) for root in roots for where, value in _walk(root, "")]
+    except Exception:  # nested too deeply to walk, or a structure the inert objects cannot take: say what, not where
+        places = []
+    places = [place for place in places if place[1] in names] or places
+    culprit = places[0][1] if places and places[0][1] in names else culprit
     where = f" at {', '.join(place for place, _ in places[:5])}" if places else ""
+    others = [name for name in code if name not in names]
+    also = f" (it also refers to {', '.join(f'`{name}`' for name in others[:4])})" if others else ""
     return (
-        f"Refusing {path}: it holds an object of type `{culprit}`{where}, and unpickling that could run arbitrary "
-        f"code, so it was not loaded (only `torch.load(weights_only=True)` is used). Re-save the checkpoint with "
-        f"tensors and plain values only (numbers, strings, lists, dicts), e.g. replace `{culprit}` in the config by "
-        f"the setting it stands for."
+        f"Refusing {path}: it holds an object of type `{culprit}`{where}{also}, and unpickling that could run "
+        f"arbitrary code, so it was not loaded (only `torch.load(weights_only=True)` is used). Re-save the checkpoint "
+        f"with tensors and plain values only (numbers, strings, lists, dicts), e.g. replace `{culprit}` in the config "
+        f"by the setting it stands for."
     )
 
 

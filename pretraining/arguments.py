@@ -1,31 +1,45 @@
 """
-The flags of `dasheng-pretrain`: its own (model, data) and `TrainingArguments` with the released models' recipe as
-defaults, the parser that ends a bad command with one line, and the parsing of `--config_overrides` and
-`--gain_augmentation_db`.
+Dasheng's own flags of `dasheng-pretrain` (model, data) and the parsing of `--config_overrides` and
+`--gain_augmentation_db`; light to import (no torch, no transformers), so `--help` answers at once. Trainer's flags,
+with the released models' recipe as defaults, are in `training_arguments.py`.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-from transformers import HfArgumentParser, TrainingArguments
-
-from ..configuration_dasheng import DashengConfig
 
 __all__ = [
     "DashengDataArguments",
     "DashengModelArguments",
-    "DashengPretrainingArguments",
     "DashengPretrainingError",
-    "DashengPretrainingParser",
+    "check_flags",
     "parse_config_overrides",
     "parse_gain",
+    "short_help",
 ]
 
-_HAS_WARMUP_RATIO = "warmup_ratio" in TrainingArguments.__dataclass_fields__  # Transformers 4.x
+MAX_CROP_SECONDS = 600.0  # ten minutes: 9.6e6 samples per crop; longer crops are a typo, not a recipe
+MAX_GAIN_DB = 60.0
+
+# The Trainer flags most runs set, for the short `--help` (`--help-all` lists every one).
+COMMON_TRAINER_FLAGS = [
+    ("--output_dir DIR", "Where checkpoints, logs, the final model and OUTPUT_DIR/encoder go (one run at a time)."),
+    ("--max_steps N", "Optimizer steps to train (required: the data is streamed)."),
+    ("--per_device_train_batch_size N", "Crops per process and step (default 8)."),
+    ("--gradient_accumulation_steps N", "Steps whose gradients are summed before each update (default 1)."),
+    ("--learning_rate LR", "Peak learning rate (default 3e-4, as the paper)."),
+    ("--warmup_ratio R / --warmup_steps N", "Warm-up (default 3% of max_steps)."),
+    ("--save_steps N", "Checkpoint every N steps; --save_total_limit K keeps the last K."),
+    ("--resume_from_checkpoint last|DIR", "Continue a run from its newest complete checkpoint, or from DIR."),
+    ("--logging_steps N", "Log the loss every N steps."),
+    ("--eval_strategy steps --eval_steps N", "Evaluate on --eval_data every N steps."),
+    ("--bf16 / --fp16", "Mixed precision (bf16 is on by default on GPUs that support it)."),
+    ("--dataloader_num_workers N", "Processes decoding audio per training process."),
+    ("--seed N", "Seed of the model's initialisation, the data order and the masking."),
+    ("--report_to none|tensorboard|wandb", "Where metrics go besides the log."),
+]
 
 
 class DashengPretrainingError(ValueError):
@@ -35,6 +49,8 @@ class DashengPretrainingError(ValueError):
 @dataclass
 class DashengModelArguments:
     """Which encoder to start from: a checkpoint to continue, or a fresh one of a released size."""
+
+    _argument_group_name = "Dasheng: model"
 
     model_name_or_path: str | None = field(
         default=None,
@@ -65,7 +81,9 @@ class DashengModelArguments:
 
 @dataclass
 class DashengDataArguments:
-    """What to train on and how it is cut."""
+    """What to train on and how it is cut, and how a run resumes."""
+
+    _argument_group_name = "Dasheng: data and resuming"
 
     train_data: str | None = field(
         default=None,
@@ -89,83 +107,13 @@ class DashengDataArguments:
     export_every: int | None = field(
         default=None, metadata={"help": "Also export OUTPUT_DIR/encoder every N optimizer steps."}
     )
-
-
-@dataclass
-class DashengPretrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the released models' recipe as defaults (AdamW 8-bit, 3e-4, cosine to 0.1 x lr)."""
-
-    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (paper: 3e-4)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)."})
-    lr_scheduler_type: str = field(
-        default="cosine_with_min_lr", metadata={"help": "Schedule after warm-up (paper: cosine to 0.1 x lr)."}
-    )
-    lr_scheduler_kwargs: dict | str | None = field(
-        default_factory=lambda: {"min_lr_rate": 0.1},
-        metadata={"help": "Arguments of the schedule (default '{\"min_lr_rate\": 0.1}')."},
-    )
-    if _HAS_WARMUP_RATIO:
-        warmup_ratio: float = field(default=0.03, metadata={"help": "Warm-up fraction (paper: 3 of 100 epochs)."})
-    else:
-        warmup_steps: float = field(
-            default=0.03, metadata={"help": "Warm-up steps, or a fraction of max_steps below 1 (paper: 0.03)."}
-        )
-    optim: str = field(
-        default="auto",
+    allow_missing_optimizer_state: bool = field(
+        default=False,
         metadata={
-            "help": "Optimizer; 'auto' is adamw_bnb_8bit (as the paper) with bitsandbytes and a GPU, else adamw_torch."
+            "help": "Resume from a checkpoint without optimizer.pt / scheduler.pt with a fresh optimizer and "
+            "schedule (otherwise that is an error)."
         },
     )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on when the GPU supports it."}
-    )
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the audio."})
-    dataloader_pin_memory: bool | None = field(default=None, metadata={"help": "Default: on with a GPU."})
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "Every parameter takes part in every step (default False: faster DDP)."}
-    )
-    log_level_replica: str = field(
-        default="error", metadata={"help": "Log level of processes other than the first (default error: no repeats)."}
-    )
-
-    def __post_init__(self):
-        gpu = torch.cuda.is_available()
-        self._notes = []  # logged once logging is set up (see `run`)
-        if self.optim == "auto":
-            self.optim = "adamw_bnb_8bit" if gpu and _importable("bitsandbytes") else "adamw_torch"
-            if self.optim != "adamw_bnb_8bit":
-                self._notes.append(
-                    f"Using AdamW (adamw_torch) instead of the paper's 8-bit AdamW, which needs "
-                    f"{'bitsandbytes (pip install bitsandbytes)' if gpu else 'a GPU'}."
-                )
-        accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else gpu
-        if self.fsdp and (self.use_cpu or not accelerator):
-            raise ValueError(
-                "--fsdp needs GPUs (accelerate shards models only on accelerators); on CPUs leave it out: "
-                "torchrun then trains with plain data parallelism."
-            )
-        if self.bf16 is None:
-            self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
-        if self.dataloader_pin_memory is None:
-            self.dataloader_pin_memory = gpu
-        if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.use_cpu = True  # several CPU processes: Trainer and accelerate go distributed (gloo) only so
-        super().__post_init__()
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except Exception:  # a broken install (e.g. bitsandbytes without its CUDA library) counts as absent
-        return False
-    return True
-
-
-class DashengPretrainingParser(HfArgumentParser):
-    """Bad flags end the command with one line on stderr and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
@@ -175,6 +123,8 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
     """
     if not text:
         return {}
+    from ..configuration_dasheng import DashengConfig
+
     defaults = DashengConfig().to_dict()
     overrides = {}
     for item in text.split(","):
@@ -220,3 +170,53 @@ def parse_gain(text: str | None) -> tuple[float, float] | None:
     raise DashengPretrainingError(
         f"--gain_augmentation_db takes a range in dB: '6' (-6 to 6 dB) or 'LOW,HIGH' such as '-6,10'; got {text!r}."
     )
+
+
+def check_flags(model_args: DashengModelArguments, data_args: DashengDataArguments) -> None:
+    """Refuse Dasheng flags out of range (not finite, negative, absurdly long crops) before any work starts."""
+    crop = data_args.crop_seconds
+    if not math.isfinite(crop) or not 0.03 <= crop <= MAX_CROP_SECONDS:
+        raise DashengPretrainingError(
+            f"--crop_seconds must be a number of seconds from 0.03 to {MAX_CROP_SECONDS:g}, got {crop}."
+        )
+    gain = parse_gain(data_args.gain_augmentation_db)
+    if gain is not None and not all(math.isfinite(value) and abs(value) <= MAX_GAIN_DB for value in gain):
+        raise DashengPretrainingError(
+            f"--gain_augmentation_db must lie within -{MAX_GAIN_DB:g}..{MAX_GAIN_DB:g} dB, got "
+            f"{data_args.gain_augmentation_db!r}."
+        )
+    if data_args.shuffle_buffer < 1:
+        raise DashengPretrainingError(f"--shuffle_buffer must be at least 1, got {data_args.shuffle_buffer}.")
+    if data_args.export_every is not None and data_args.export_every <= 0:
+        raise DashengPretrainingError(f"--export_every takes a positive number of steps, got {data_args.export_every}.")
+    if model_args.mask_ratio is not None and not 0.0 < model_args.mask_ratio < 1.0:  # also NaN
+        raise DashengPretrainingError(f"--mask_ratio must lie strictly between 0 and 1, got {model_args.mask_ratio}.")
+
+
+def short_help(prog: str) -> str:
+    """`dasheng-pretrain --help`: Dasheng's flags, then the Trainer flags most runs set (without importing torch)."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        add_help=False,
+        usage=f"{prog} --train_data DATA (--config_name SIZE | --model_name_or_path ENCODER) --max_steps N "
+        f"--output_dir DIR [flags]",
+        description="Masked-autoencoder pretraining of Dasheng with Transformers' Trainer. Flags take "
+        "--under_score or --dash-ed spellings; a single .json argument is read as the flags.",
+        epilog="Every other Trainer flag (TrainingArguments) works too; --help-all lists all of them.",
+    )
+    for kind in (DashengModelArguments, DashengDataArguments):
+        group = parser.add_argument_group(kind._argument_group_name)
+        for item in dataclasses.fields(kind):
+            default = "" if item.default in (None, False) else f" (default {item.default})"
+            text = (item.metadata.get("help", "") + default).replace("%", "%%")
+            if item.type in ("bool", bool):
+                group.add_argument(f"--{item.name}", action="store_true", help=text)
+            else:
+                group.add_argument(f"--{item.name}", metavar=item.name.split("_")[-1].upper(), help=text)
+    group = parser.add_argument_group("Trainer: the common flags (--help-all for every one)")
+    for flags, text in [*COMMON_TRAINER_FLAGS, ("-h, --help / --help-all", "This help / every flag, Trainer's too.")]:
+        group.add_argument(flags, help=text.replace("%", "%%"), action="store_true")
+    return parser.format_help()

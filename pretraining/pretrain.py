@@ -1,56 +1,44 @@
 """
-Masked-autoencoder pretraining of Dasheng with `Trainer`: the paper's objective and recipe, from one CPU to many GPUs.
+The `dasheng-pretrain` command (`python -m dasheng_hf.pretraining.pretrain`): masked-autoencoder pretraining of
+Dasheng with `Trainer` (see `trainer.py`).
 
-    dasheng-pretrain --train_data 'shards/train-{000000..000127}.tar' --config_name dasheng-base \
+    dasheng-pretrain --train_data 'shards/train-{000000..000127}.tar' --config_name dasheng-base \\
         --max_steps 1500000 --per_device_train_batch_size 32 --output_dir runs/dasheng-base
 
-Every `TrainingArguments` flag works (`--under_score` or `--dash-ed`), under `torchrun` / `accelerate launch`, with
-DeepSpeed or FSDP. The data (`--train_data`, `--eval_data`: webdataset shards, a folder, a file list or a `datasets`
-id) is read by `audio/datasets.py` as sequential crops of `--crop_seconds`; each process and dataloader worker reads its
-own share. Short files are not padded with silence: a batch of crops of different lengths is padded by the feature
-extractor, and its `attention_mask` keeps padded tokens out of the encoder, the decoder and the loss. The encoder is
-exported as a ready-to-use Hub folder under `OUTPUT_DIR/encoder` at the end (and every `--export_every` steps).
+`--help` lists Dasheng's flags and the Trainer flags most runs set, at once (torch and transformers are imported only
+after parsing); `--help-all` lists every flag, Dasheng's first. Bad flags end with one line (exit status 2), as do
+problems met later; SIGINT (Ctrl-C), SIGTERM and SIGHUP end with one line saying where the run stands (exit status
+130), a checkpoint being saved is completed first.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import transformers
-from torch.utils.data import DataLoader
-from transformers import Trainer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
-
-from ..audio.datasets import DashengAudioDataset, DashengAudioError, per_process_dataloader
-from ..configuration_dasheng import DashengConfig
-from ..feature_extraction_dasheng import DashengFeatureExtractor
-from ..modeling_dasheng_pretraining import DashengForPreTraining
+from ..jobs.interrupts import DashengInterrupted, interrupts_raise
 from .arguments import (
     DashengDataArguments,
     DashengModelArguments,
-    DashengPretrainingArguments,
     DashengPretrainingError,
-    DashengPretrainingParser,
     parse_config_overrides,
     parse_gain,
+    short_help,
 )
-from .encoder_export import DashengEncoderExportCallback, export_encoder, last_logged
 
-__all__ = [
+if TYPE_CHECKING:  # imported on first use (module `__getattr__`), so that `--help` needs neither torch nor transformers
+    from .trainer import DashengPretrainer, DashengPretrainingCollator, build_model, run
+    from .training_arguments import DashengPretrainingArguments, DashengPretrainingParser
+
+__all__ = [  # the command, and (imported on first use) the pieces it is built from
     "DashengDataArguments",
     "DashengModelArguments",
     "DashengPretrainer",
     "DashengPretrainingArguments",
     "DashengPretrainingCollator",
     "DashengPretrainingError",
+    "DashengPretrainingParser",
     "build_model",
     "main",
     "parse_config_overrides",
@@ -58,339 +46,50 @@ __all__ = [
     "run",
 ]
 
-logger = logging.getLogger("dasheng_hf.pretraining")  # also under `python -m`, where __name__ is "__main__"
-
 PROG = "dasheng-pretrain"
+_LAZY = {
+    "DashengPretrainer": "trainer",
+    "DashengPretrainingCollator": "trainer",
+    "build_model": "trainer",
+    "run": "trainer",
+    "DashengPretrainingArguments": "training_arguments",
+    "DashengPretrainingParser": "training_arguments",
+}
 
 
-class _StoppedInTraining(DashengPretrainingError):
-    """A data problem met by one process while training (reported by that process, not only the first)."""
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-
-# ---------------------------------------------------------------------------------------------------------- model
-
-
-def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTraining, DashengFeatureExtractor, str]:
-    """The model to pretrain, its feature extractor, and a one-line description of where it came from."""
-    overrides = parse_config_overrides(model_args.config_overrides)
-    if model_args.mask_ratio is not None:
-        if not 0.0 < model_args.mask_ratio < 1.0:
-            raise DashengPretrainingError(
-                f"--mask_ratio must lie strictly between 0 and 1, got {model_args.mask_ratio}."
-            )
-        overrides["mask_ratio"] = model_args.mask_ratio
-    # The original normalises the spectrogram by batch statistics in training (and updates the running ones, which
-    # the exported encoder uses); DashengConfig's inference default is the running statistics alone.
-    overrides.setdefault("use_batch_statistics", True)
-    if model_args.model_name_or_path and model_args.config_name:
-        raise DashengPretrainingError(
-            "Pass either --model_name_or_path (continue from an encoder) or --config_name (start from scratch)."
-        )
-    source = model_args.model_name_or_path
-    if source:
-        path = Path(source).expanduser()
-        name = str(path) if path.exists() else source
-        try:
-            model = DashengForPreTraining.from_pretrained(name, **overrides)
-        except (OSError, ValueError) as error:
-            raise DashengPretrainingError(
-                f"Could not load an encoder from --model_name_or_path {source!r}: {error}".rstrip(".") + ". Pass a "
-                "Hub id such as mispeech/dasheng-base or a folder with config.json and weights."
-            ) from error
-        try:
-            feature_extractor = DashengFeatureExtractor.from_pretrained(name)
-        except OSError:  # the first Hub layout has no preprocessor config
-            feature_extractor = DashengFeatureExtractor.from_dasheng_config(model.config)
-        return _with_attention(model, model_args), feature_extractor, f"continued from {source}"
-    preset = model_args.config_name or "dasheng-base"
-    try:
-        if Path(preset).expanduser().is_dir() or "/" in preset:
-            folder = Path(preset).expanduser()
-            config = DashengConfig.from_pretrained(str(folder) if folder.exists() else preset, **overrides)
-        else:
-            config = DashengConfig.from_preset(preset, **overrides)
-    except (OSError, ValueError) as error:
-        raise DashengPretrainingError(f"--config_name {preset!r}: {error}") from error
-    described = f"trained from scratch ({preset}" + (
-        f", {model_args.config_overrides})" if model_args.config_overrides else ")"
-    )
-    model = _with_attention(DashengForPreTraining(config), model_args)
-    return model, DashengFeatureExtractor.from_dasheng_config(config), described
-
-
-def _with_attention(model: DashengForPreTraining, model_args: DashengModelArguments) -> DashengForPreTraining:
-    if model_args.attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        raise DashengPretrainingError(
-            "--attn_implementation flex_attention: PyTorch's FlexAttention has no backward pass on CPUs; "
-            "use sdpa (the default) or eager."
-        )
-    if model_args.attn_implementation:
-        try:
-            model.set_attn_implementation(model_args.attn_implementation)
-        except (ImportError, ValueError) as error:
-            name = model_args.attn_implementation
-            raise DashengPretrainingError(f"--attn_implementation {name!r}: {error}") from error
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class DashengPretrainingCollator:
-    """
-    Crops to model inputs: an optional random gain per crop, then log-mel features.
-
-    Items are dicts with `audio`: mono float32 samples at 16 kHz, and optionally `num_samples`, the real length of
-    a zero-padded crop (a file shorter than a crop). Crops are cut to their real length, and the feature extractor
-    pads the batch and returns `attention_mask` `(batch, frames)`, with which the model keeps padding out of
-    attention and the loss (the original instead reconstructs the padding as silence). Returns `input_values`
-    `(batch, 64, frames)` and, when some crop was short, `attention_mask`.
-    """
-
-    feature_extractor: DashengFeatureExtractor
-    gain_db: tuple[float, float] | None = None
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        clips = [
-            torch.as_tensor(np.asarray(item["audio"], dtype=np.float32))[: item.get("num_samples")] for item in items
-        ]
-        if self.gain_db is not None:
-            gains = torch.empty(len(clips)).uniform_(*self.gain_db)
-            clips = [clip * 10.0 ** (gain / 20.0) for clip, gain in zip(clips, gains.tolist())]
-        features = self.feature_extractor(
-            clips,
-            sampling_rate=self.feature_extractor.sampling_rate,
-            return_tensors="pt",
-            return_attention_mask=False,
-        )
-        return dict(features)
-
-
-# -------------------------------------------------------------------------------------------------------- trainer
-
-
-class DashengPretrainer(Trainer):
-    """
-    `Trainer` whose data loaders read each process's own share of the stream (no re-sharding by accelerate), and
-    whose evaluation masks with fixed noise (the same tokens removed at every evaluation), summed over processes.
-    """
-
-    def _loader(self, dataset: DashengAudioDataset, batch_size: int) -> DataLoader:
-        workers = self.args.dataloader_num_workers
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            collate_fn=self.data_collator,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
-            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
-        )
-        return per_process_dataloader(loader, self.args.device)
-
-    def get_train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self._train_batch_size)
-
-    def get_eval_dataloader(self, eval_dataset: DashengAudioDataset | None = None) -> DataLoader:
-        return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset, self.args.eval_batch_size)
-
-    def evaluate(
-        self,
-        eval_dataset: DashengAudioDataset | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix="eval",
-    ) -> dict[str, float]:
-        """Mean loss over the eval crops (`{prefix}_loss`) and their number (`{prefix}_crops`)."""
-        model = self.model_wrapped if self.model_wrapped is not None else self.model
-        was_training = model.training
-        model.eval()
-        config = self.model.config
-        generator = torch.Generator().manual_seed(self.args.seed)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)  # loss x crops, crops, skipped files
-        with torch.no_grad():
-            for batch in self.get_eval_dataloader(dataset):
-                batch = self._prepare_inputs(batch)
-                frames = batch["input_values"].shape[-1]
-                tokens = (frames - config.patch_size[1]) // config.patch_stride[1] + 1
-                noise = None
-                if tokens <= config.chunk_num_tokens:
-                    groups = math.ceil(tokens / config.mask_group_size)
-                    noise = torch.rand(len(batch["input_values"]), groups, generator=generator).to(self.args.device)
-                with self.compute_loss_context_manager():
-                    loss = model(**batch, noise=noise).loss
-                count = len(batch["input_values"])
-                totals[:2] += torch.stack([loss.double() * count, totals.new_tensor(count)])
-        totals[2] = dataset.num_skipped
-        if self.args.world_size > 1:
-            torch.distributed.all_reduce(totals)
-        model.train(was_training)
-        if totals[1] == 0:
-            raise DashengPretrainingError("The evaluation data yielded no readable audio.")
-        metrics = {
-            f"{metric_key_prefix}_loss": float(totals[0] / totals[1]),
-            f"{metric_key_prefix}_crops": int(totals[1]),
-        }
-        if totals[2]:
-            metrics[f"{metric_key_prefix}_skipped_files"] = int(totals[2])
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds `skipped_files`, the unreadable training files skipped so far by all processes, once there are any."""
-        skipped = self.num_skipped_files()
-        if skipped:
-            logs = {**logs, "skipped_files": skipped}
-        super().log(logs, *args, **kwargs)
-
-    def num_skipped_files(self) -> int:
-        """Training files skipped so far, summed over processes (call it on every process)."""
-        count = torch.tensor(float(self.train_dataset.num_skipped), device=self.args.device)
-        if self.args.world_size > 1:
-            torch.distributed.all_reduce(count)
-        return int(count)
-
-
-# ----------------------------------------------------------------------------------------------------------- main
-
-
-def _setup_logging(training_args: DashengPretrainingArguments) -> None:
-    """
-    The first process logs at info level; the others only at `--log_level_replica` (default error), except for
-    the files they skip themselves, which only they can report.
-    """
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    level = training_args.get_process_log_level()
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    # Transformers' records have their own handler; with `CI` set it also propagates them to the root one.
-    transformers.utils.logging.disable_propagation()
-    logging.getLogger("dasheng_hf").setLevel(level)
-    logging.getLogger("dasheng_hf.audio").setLevel(min(level, logging.WARNING))
-    if training_args.should_log:
-        for note in getattr(training_args, "_notes", []):
-            logger.warning(note)
-
-
-def _resume_checkpoint(training_args: DashengPretrainingArguments) -> str | None:
-    """`--resume_from_checkpoint PATH`, or `last` (also `true`) for the newest checkpoint in the output folder."""
-    value = training_args.resume_from_checkpoint
-    if value is None:
-        if os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
-            logger.warning(
-                f"{training_args.output_dir} holds checkpoints of an earlier run; this run starts afresh and replaces "
-                f"them. Pass --resume_from_checkpoint last to continue that run instead."
-            )
-        return None
-    if value.lower() in ("last", "latest", "true"):
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if checkpoint is None:
-            raise DashengPretrainingError(
-                f"--resume_from_checkpoint {value}: no checkpoint-* folder in {training_args.output_dir}."
-            )
-        return checkpoint
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise DashengPretrainingError(
-            f"--resume_from_checkpoint {value!r} is not a checkpoint folder written by Trainer."
-        )
-    return value
-
-
-def run(
-    model_args: DashengModelArguments, data_args: DashengDataArguments, training_args: DashengPretrainingArguments
-) -> dict[str, Any]:
-    """Pretrain as the arguments say; returns the training metrics (and `eval_loss` with `--eval_data`)."""
-    _setup_logging(training_args)
-    if not data_args.train_data:
-        raise DashengPretrainingError("--train_data is required (shard pattern, folder, file list or datasets id).")
-    if training_args.max_steps <= 0:
-        raise DashengPretrainingError(
-            "--max_steps is required: the data is streamed, so the run length is given in optimizer steps "
-            "(the paper: 1500000 steps of 256 crops)."
-        )
-    if data_args.crop_seconds < 0.03:
-        raise DashengPretrainingError(f"--crop_seconds must be at least 0.03, got {data_args.crop_seconds}.")
-    if data_args.export_every is not None and data_args.export_every <= 0:
-        raise DashengPretrainingError(f"--export_every takes a positive number of steps, got {data_args.export_every}.")
-    gain = parse_gain(data_args.gain_augmentation_db)
-    checkpoint = _resume_checkpoint(training_args)
-    set_seed(training_args.seed)
-
-    train_dataset = _crop_dataset(data_args.train_data, data_args, training_args.seed, train=True)
-    eval_dataset = None
-    if data_args.eval_data:
-        eval_dataset = _crop_dataset(data_args.eval_data, data_args, training_args.seed, train=False)
-    elif training_args.eval_strategy != "no":
-        raise DashengPretrainingError(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data.")
-
-    model, feature_extractor, init = build_model(model_args)
-    logger.info(f"Pretraining a {model.num_parameters():,}-parameter model, {init}.")
-    trainer = DashengPretrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=DashengPretrainingCollator(feature_extractor, gain),
-        processing_class=feature_extractor,
-    )
-    card = {
-        "init": init,
-        "train_data": data_args.train_data,
-        "eval_data": data_args.eval_data,
-        "crop_seconds": data_args.crop_seconds,
-    }
-    if data_args.export_every:
-        trainer.add_callback(DashengEncoderExportCallback(trainer, data_args.export_every, card))
-
-    try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    except (DashengPretrainingError, DashengAudioError) as error:
-        raise _StoppedInTraining(_one_line(error)) from error
-    trainer.save_model()  # the whole pretraining model (encoder and decoder), to continue from later
-    metrics = dict(result.metrics)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    last_eval_step = last_logged(trainer.state.log_history, "eval_loss")[1]
-    if eval_dataset is not None and last_eval_step != trainer.state.global_step:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    trainer.save_state()
-    export_encoder(trainer, Path(training_args.output_dir) / "encoder", card)
-    skipped = trainer.num_skipped_files()
-    if skipped:
-        logger.warning(f"{skipped} unreadable training files were skipped (each named in a warning above).")
-    return metrics
-
-
-def _crop_dataset(source: str, data_args: DashengDataArguments, seed: int, train: bool) -> DashengAudioDataset:
-    """Training crops: shuffled, endless, each process its share; evaluation crops: in order, one pass, split too."""
-    return DashengAudioDataset(
-        source,
-        crop_seconds=data_args.crop_seconds,
-        shuffle=train,
-        shuffle_buffer=data_args.shuffle_buffer,
-        seed=seed,
-        repeat=train,
-        audio_column=data_args.audio_column,
-    )
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(flag in ("-h", "--help") for flag in argv) and "--help-all" not in argv:
+        print(short_help(PROG), end="")
+        sys.exit(0)
+    try:
+        with interrupts_raise():
+            _parse_and_run(argv)
+    except DashengInterrupted as error:
+        detail = getattr(error, "detail", "before training started")
+        print(f"{PROG}: interrupted ({error.signal_name}) {detail}.", file=sys.stderr)
+        sys.exit(130)
+
+
+def _parse_and_run(argv: list[str]) -> None:
+    from .trainer import StoppedInTraining, one_line, run
+    from .training_arguments import DashengPretrainingArguments, DashengPretrainingParser
+
     parser = DashengPretrainingParser(
         (DashengModelArguments, DashengDataArguments, DashengPretrainingArguments), prog=PROG
     )
-    argv = sys.argv[1:] if argv is None else argv
+    if "--help-all" in argv:
+        parser.print_help()
+        sys.exit(0)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
@@ -400,21 +99,15 @@ def main(argv: list[str] | None = None) -> None:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         unused = message.partition("not used by the HfArgumentParser: ")[2]
         parser.error(f"unrecognized arguments {unused} (see {PROG} --help)" if unused else message)
+    from ..audio.datasets import DashengAudioError
+
     try:
         run(model_args, data_args, training_args)
     except (DashengPretrainingError, DashengAudioError) as error:
         rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or isinstance(error, _StoppedInTraining):  # input errors are the same on every process
-            print(f"{PROG}: error: {'' if rank == 0 else f'[rank {rank}] '}{_one_line(error)}", file=sys.stderr)
+        if rank == 0 or isinstance(error, StoppedInTraining):  # input errors are the same on every process
+            print(f"{PROG}: error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(error)}", file=sys.stderr)
         sys.exit(2)
-
-
-def _one_line(error: Exception) -> str:
-    """The message of `error`, also when a dataloader worker raised it (then wrapped with the worker's traceback)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in str(error):
-        return lines[-1].split(": ", 1)[-1]
-    return " ".join(line.strip() for line in lines)
 
 
 if __name__ == "__main__":

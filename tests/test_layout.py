@@ -11,8 +11,8 @@ from dasheng_hf.configuration_dasheng import CODE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_FILES = frozenset(Path(name).stem for name in CODE_FILES)
-SUBPACKAGES = ("audio", "cli", "conversion", "deployment", "embedding", "evaluation", "pretraining")
-# `cli` serves them all.
+SUBPACKAGES = ("audio", "cli", "conversion", "deployment", "embedding", "evaluation", "jobs", "pretraining")
+# `cli` and `jobs` serve them all.
 TOOLS = frozenset({"conversion", "deployment", "embedding", "evaluation", "pretraining", "convert_checkpoint"})
 ROOT_ITEMS = {
     *CODE_FILES,
