@@ -26,34 +26,42 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 if __name__ == "__main__" and not __package__:  # `python convert_checkpoint.py` in a checkout, as in the Hub ports:
     import dasheng_hf  # noqa: F401  the relative imports below then resolve in the installed package (PEP 366)
 
     __package__ = "dasheng_hf"
 
-from .conversion.checkpoint_contents import (
-    SAMPLING_RATE,
-    LoadedCheckpoint,
-    expected_front_end,
-    load_checkpoint,
-    sweep_audio,
-)
-from .conversion.checkpoint_files import RELEASED_CHECKPOINTS, ConversionError, check_file, read_labels, resolve_source
-from .conversion.model_card import build_model_card
-from .conversion.output_folder import check_output, claim
-from .modeling_dasheng import DashengForAudioClassification, DashengModel
+# Light imports only at module level, so that `dasheng-convert --help` answers at once: torch, transformers and the
+# conversion's parts are imported where they are used, after the command line is parsed.
+from .conversion.model_card import build_model_card, file_sha256, released_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+    from .conversion.checkpoint_contents import LoadedCheckpoint
+    from .conversion.checkpoint_files import ConversionError
+    from .modeling_dasheng import DashengForAudioClassification, DashengModel
 
 # ConversionError is defined in checkpoint_files.py and exported here too: `convert` raises it.
 __all__ = ["ConversionError", "ConversionInterrupted", "build_parser", "convert", "main"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# The keys of checkpoint_files.RELEASED_CHECKPOINTS, for --help without importing torch (a test keeps them equal).
+RELEASED_NAMES = ("dasheng-base", "dasheng-0.6B", "dasheng-1.2B", "dasheng-audioset")
 VERIFY_SECONDS = (1, 25)
 FLOAT32_TOLERANCE = 1e-4
 MIN_COSINE = 0.999
+
+
+def __getattr__(name: str) -> Any:
+    """`ConversionError`, imported on first use (its module imports torch)."""
+    if name == "ConversionError":
+        from .conversion.checkpoint_files import ConversionError
+
+        return ConversionError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConversionInterrupted(KeyboardInterrupt):
@@ -66,6 +74,10 @@ class ConversionInterrupted(KeyboardInterrupt):
 
 def _build_model(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> DashengModel | DashengForAudioClassification:
     """The Transformers model holding the checkpoint's tensors themselves (no copy unless `dtype` differs)."""
+    import torch
+
+    from .modeling_dasheng import DashengForAudioClassification, DashengModel
+
     with torch.device("meta"):
         model_class = DashengForAudioClassification if checkpoint.is_classifier else DashengModel
         model = model_class(checkpoint.config)
@@ -84,6 +96,9 @@ def _build_model(checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> DashengMod
 
 def _reference_model(checkpoint: LoadedCheckpoint) -> torch.nn.Module:
     """The original `dasheng` encoder holding the checkpoint's float32 tensors (and front end, if it has one)."""
+    from .conversion.checkpoint_contents import expected_front_end
+    from .conversion.checkpoint_files import ConversionError
+
     try:
         from dasheng.pretrained.pretrained import Dasheng
     except ImportError as error:
@@ -120,6 +135,8 @@ def _reference_model(checkpoint: LoadedCheckpoint) -> torch.nn.Module:
 
 def _reference_head(checkpoint: LoadedCheckpoint) -> torch.nn.Sequential:
     """The original classifier head: LayerNorm (eps 1e-5) and Linear, in float32."""
+    import torch
+
     hidden = checkpoint.config.hidden_size
     head = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, checkpoint.config.num_labels))
     head.load_state_dict({key: value.float() for key, value in checkpoint.head.items()})
@@ -128,7 +145,11 @@ def _reference_head(checkpoint: LoadedCheckpoint) -> torch.nn.Sequential:
 
 def _verify(folder: Path, checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> None:
     """Compare the written folder, loaded through the Auto classes, with the original on 1 s and 25 s of audio."""
+    import torch
     from transformers import AutoFeatureExtractor, AutoModel, AutoModelForAudioClassification
+
+    from .conversion.checkpoint_contents import SAMPLING_RATE, sweep_audio
+    from .conversion.checkpoint_files import ConversionError
 
     reference = _reference_model(checkpoint)
     head = _reference_head(checkpoint) if checkpoint.is_classifier else None
@@ -162,18 +183,29 @@ def _verify(folder: Path, checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> N
         raise ConversionError("Verification against the original implementation failed: " + "; ".join(failures))
 
 
-def _push_to_hub(folder: Path, repo_id: str) -> None:
-    """Upload the finished folder; on any failure the folder stays as it is and the error says how to retry."""
-    from huggingface_hub import HfApi, constants, get_token
+def _check_push(repo_id: str) -> None:
+    """Before any work: pushing needs the Hub (not HF_HUB_OFFLINE) and a token."""
+    from huggingface_hub import constants, get_token
 
-    retry = f"The converted folder is intact at {folder}; upload it later with `hf upload {repo_id} {folder}`."
+    from .conversion.checkpoint_files import ConversionError
+
+    later = "convert without --push-to-hub and upload the folder later with `hf upload`"
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     if offline or constants.HF_HUB_OFFLINE:
-        raise ConversionError(f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set. {retry}")
+        raise ConversionError(f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it, or {later}.")
     if get_token() is None:
         raise ConversionError(
-            f"Cannot push to {repo_id}: no Hugging Face token. Log in with `hf auth login` or set HF_TOKEN. {retry}"
+            f"Cannot push to {repo_id}: no Hugging Face token. Log in with `hf auth login` or set HF_TOKEN, or {later}."
         )
+
+
+def _push_to_hub(folder: Path, repo_id: str) -> None:
+    """Upload the finished folder; on any failure the folder stays as it is and the error says how to retry."""
+    from huggingface_hub import HfApi
+
+    from .conversion.checkpoint_files import ConversionError
+
+    retry = f"The converted folder is intact at {folder}; upload it later with `hf upload {repo_id} {folder}`."
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
@@ -224,12 +256,21 @@ class _SignalGuard:
                 raise ConversionInterrupted(signum)
 
 
-def _write_folder(staging: Path, loaded: LoadedCheckpoint, dtype: torch.dtype, repo_id: str) -> None:
+def _write_folder(
+    staging: Path,
+    loaded: LoadedCheckpoint,
+    dtype: torch.dtype,
+    repo_id: str,
+    released: str | None,
+    source: str,
+    verified: bool,
+) -> None:
     """Weights, config, preprocessor config, code files and model card, readable by everyone the umask allows."""
     model = _build_model(loaded, dtype)
     model.save_pretrained(staging)
     del model
-    (staging / "README.md").write_text(build_model_card(loaded.config, loaded.is_classifier, repo_id))
+    card = build_model_card(loaded.config, loaded.is_classifier, repo_id, released, source, verified)
+    (staging / "README.md").write_text(card)
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp and some writers make owner-only entries
@@ -251,14 +292,23 @@ def convert(
     Raises `ConversionError` for anything wrong with the inputs, options or output path (nothing is left behind),
     and `ConversionInterrupted` on Ctrl-C, SIGTERM or SIGHUP (after removing the staging folder).
     """
+    import torch
+
+    from .conversion.checkpoint_contents import load_checkpoint
+    from .conversion.checkpoint_files import ConversionError, check_file, read_labels, resolve_source
+    from .conversion.output_folder import check_output
+
     output = Path(os.path.abspath(os.path.expanduser(output)))
-    if dtype not in DTYPES:
-        raise ConversionError(f"Unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    dtypes = {name: getattr(torch, name) for name in DTYPE_NAMES}
+    if dtype not in dtypes:
+        raise ConversionError(f"Unknown --dtype {dtype!r}; choose one of {', '.join(dtypes)}.")
     guard = _SignalGuard()
     with guard.installed():
         check_output(output, overwrite)
         if labels is not None:
             check_file(Path(labels), "labels CSV")
+        if push_to_hub:
+            _check_push(push_to_hub)
         source = resolve_source(checkpoint)
         try:
             loaded = load_checkpoint(source)
@@ -278,11 +328,31 @@ def convert(
             id2label = read_labels(labels, loaded.config.num_labels)
             loaded.config.id2label = id2label
             loaded.config.label2id = {name: index for index, name in id2label.items()}
-        _stage_and_claim(loaded, output, verify, overwrite, DTYPES[dtype], push_to_hub, guard)
+        sha256 = file_sha256(source) if source.is_file() else None
+        released = released_checkpoint(checkpoint, sha256)
+        repo_id = push_to_hub or (f"mispeech/{output.name}" if released else str(output))
+        provenance = _describe_source(checkpoint, source, sha256)
+        if released is None:
+            print("Not one of the released checkpoints (by its checksum): the model card describes this conversion.")
+        staged = (loaded, output, verify, overwrite, dtypes[dtype], repo_id, released, provenance)
+        _stage_and_claim(*staged, guard)
     print(f"Wrote {output}: {', '.join(sorted(path.name for path in output.iterdir()))}")
     if push_to_hub:
         _push_to_hub(output, push_to_hub)
     return output
+
+
+def _describe_source(checkpoint: str, source: Path, sha256: str | None) -> str:
+    """What the input was: its name, where it was downloaded from, its size and checksum (or that it is a folder)."""
+    from .conversion.checkpoint_files import RELEASED_CHECKPOINTS
+
+    url = RELEASED_CHECKPOINTS.get(checkpoint, checkpoint)
+    parts = [f"downloaded from {url}"] if url.startswith(("http://", "https://")) else []
+    if sha256 is None:
+        parts.append("a folder in the first Hub layout")
+    else:
+        parts.append(f"{source.stat().st_size / 1e6:.1f} MB, sha256 {sha256}")
+    return f"{source.name} ({'; '.join(parts)})"
 
 
 def _stage_and_claim(
@@ -291,10 +361,15 @@ def _stage_and_claim(
     verify: bool,
     overwrite: bool,
     dtype: torch.dtype,
-    push_to_hub: str | None,
+    repo_id: str,
+    released: str | None,
+    provenance: str,
     guard: _SignalGuard,
 ) -> None:
     """Write the folder into a hidden staging folder beside `output`, verify it, then claim `output` with it."""
+    from .conversion.checkpoint_files import ConversionError
+    from .conversion.output_folder import claim
+
     missing_parents = [parent for parent in reversed(output.parents) if not parent.exists()]
     staging = None
     claimed = False
@@ -302,7 +377,7 @@ def _stage_and_claim(
         with guard.deferred():
             output.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-        _write_folder(staging, loaded, dtype, push_to_hub or f"mispeech/{output.name}")
+        _write_folder(staging, loaded, dtype, repo_id, released, provenance, verify)
         if verify:
             _verify(staging, loaded, dtype)
         with guard.deferred():
@@ -345,13 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         help=f"a .pt file, an http(s) URL (downloaded once and cached), a Hub-layout folder, or one of "
-        f"{', '.join(RELEASED_CHECKPOINTS)}",
+        f"{', '.join(RELEASED_NAMES)}",
     )
     parser.add_argument("--output", required=True, help="folder to write (written atomically)")
     parser.add_argument("--labels", help="CSV `index,mid,display_name` of a classifier's classes (e.g. AudioSet's)")
     parser.add_argument("--verify", action="store_true", help="compare with the original `dasheng` package")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written weights")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the written weights")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this Hub repo")
     return parser
 
@@ -360,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status: 0 on success, 1 on a conversion error, 2 on a usage error,
     128 + the signal's number when interrupted (130 for Ctrl-C, 143 for SIGTERM)."""
     args = build_parser().parse_args(argv)
+    from .conversion.checkpoint_files import ConversionError
+
     try:
         convert(
             args.checkpoint,

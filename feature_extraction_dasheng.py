@@ -386,7 +386,8 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
 
         Args:
             processed_features: A list of such examples, or one [`BatchFeature`] / dict of batched values.
-            padding, truncation: As in `__call__`.
+            padding, truncation: As in `__call__`; `padding=False` with clips of different lengths gives lists of
+                numpy arrays, each clip's `(64, frames)` real frames (with the default `return_tensors=None`).
             max_length, pad_to_multiple_of: As in `__call__`, but in frames: this pads features, not audio.
             return_attention_mask: Return `attention_mask` also when nothing was padded.
             return_tensors: `"pt"`, `"np"` or `None` (the type of the input: tensors give `"pt"`, otherwise `"np"`).
@@ -404,7 +405,7 @@ class DashengFeatureExtractor(SequenceFeatureExtractor):
             items.append(item)
             silence.append(self._silence_db(item[None], torch.tensor([length])))  # from all its real frames
             lengths.append(min(length, max_length) if truncation else length)
-        if return_tensors is None:
+        if return_tensors is None and (padding != "do_not_pad" or len(set(lengths)) == 1):
             return_tensors = "pt" if isinstance(examples[0][name], torch.Tensor) else "np"
         target = _target_length(lengths, padding, max_length, pad_to_multiple_of, "frames")
         width = max(lengths) if target is None else target

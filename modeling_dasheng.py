@@ -31,7 +31,14 @@ from transformers.utils import logging
 
 from .configuration_dasheng import DashengConfig, copy_code_files, front_end_mismatches
 from .feature_extraction_dasheng import DashengFeatureExtractor
-from .modeling_dasheng_layers import DashengLayer, DashengPackedSequences, eager_attention_forward, run_blocks
+from .modeling_dasheng_layers import (
+    DashengLayer,
+    DashengPackedSequences,
+    eager_attention_forward,
+    encode_in_fixed_chunks,
+    is_exporting,
+    run_blocks,
+)
 
 __all__ = [
     "DashengAudioClassificationPipeline",
@@ -42,6 +49,7 @@ __all__ = [
     "DashengModelOutput",
     "DashengPackedSequences",
     "DashengPreTrainedModel",
+    "DashengWeightShapeError",
     "eager_attention_forward",
     "run_blocks",
 ]
@@ -130,7 +138,7 @@ class DashengPatchEmbeddings(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         patches = self.proj(spectrogram.unsqueeze(1).to(self.proj.weight.dtype))  # (batch, hidden, 1, tokens)
-        return patches.flatten(2).transpose(1, 2).contiguous()
+        return patches.squeeze(2).transpose(1, 2).contiguous()
 
 
 class DashengEncoder(nn.Module):
@@ -190,6 +198,11 @@ class DashengEncoder(nn.Module):
         input_values, attention_mask = self.check_inputs(input_values, attention_mask)
         tokens = self.pos_drop(self.embed(input_values, attention_mask))
         batch, num_tokens, _ = tokens.shape
+        if is_exporting():  # no shape may depend on the mask's values: fixed chunks with a key-padding mask
+            valid = None if attention_mask is None else self.num_valid_tokens(attention_mask)
+            return encode_in_fixed_chunks(
+                self.blocks, self.norm, tokens, valid, output_attentions, output_hidden_states
+            )
         valid_tokens = (
             [num_tokens] * batch if attention_mask is None else self.num_valid_tokens(attention_mask).tolist()
         )
@@ -275,6 +288,8 @@ class DashengEncoder(nn.Module):
                 f"needs one of shape {(input_values.shape[0], input_values.shape[-1])} (batch, frames): pass the mask "
                 f"the feature extractor returned with these features."
             )
+        if is_exporting():  # the checks below read the mask's values, which an exported graph cannot branch on
+            return input_values, attention_mask.to(torch.long)
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError(
                 "attention_mask must hold only 0 and 1 (1 = real frame, 0 = padding), in any dtype; got other values."
@@ -288,6 +303,13 @@ class DashengEncoder(nn.Module):
         if bool((mask.sum(dim=-1) < width).any()):
             raise ValueError(f"Every clip needs at least {width} real frames in attention_mask (480 samples).")
         return input_values, mask
+
+
+class DashengWeightShapeError(ValueError, RuntimeError):
+    """
+    Weights whose shapes disagree with the config. A `ValueError` like this project's other errors, and the
+    `RuntimeError` that Transformers raises for size mismatches, so code written for either catches it.
+    """
 
 
 class DashengClassificationHead(nn.Sequential):
@@ -312,6 +334,7 @@ class DashengPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["DashengLayer"]
     _keep_in_fp32_modules = ["init_bn"]
+    head_is_trained = True  # False when from_pretrained found no head in the folder: it starts from random weights
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -344,9 +367,14 @@ class DashengPreTrainedModel(PreTrainedModel):
         weight must be finite and BatchNorm variances non-negative (`check_weights`), and the folder's
         `preprocessor_config.json`, if any, must compute the features the weights were trained on (the front end
         in the config). Pass `check_front_end=False` to load a model whose feature extractor differs on purpose.
+        A classification head missing from the folder (an encoder-only checkpoint) starts from random weights: one
+        warning line says so, `head_is_trained` is then False, and the audio-classification pipeline refuses it.
         """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         except Exception as error:
             if type(error).__name__ == "SafetensorError":
                 raise ValueError(
@@ -355,18 +383,25 @@ class DashengPreTrainedModel(PreTrainedModel):
                 ) from error
             if not isinstance(error, RuntimeError) or "mismatch" not in str(error):
                 raise
-            raise ValueError(
+            raise DashengWeightShapeError(
                 f"The weights of {pretrained_model_name_or_path} do not have the shapes its config describes "
                 f"(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size, "
                 f"target_length, num_labels/outputdim): config.json was edited or belongs to another checkpoint. "
                 f"Restore it, or pass ignore_mismatched_sizes=True to re-initialise the differing tensors. "
                 f"({error})"
             ) from error
-        model = loaded[0] if kwargs.get("output_loading_info") else loaded
         model.check_weights()
         if check_front_end:
             model._check_front_end(pretrained_model_name_or_path, kwargs)
-        return loaded
+        missing_head = [key for key in loading_info["missing_keys"] if key.startswith("outputlayer.")]
+        if missing_head and getattr(model, "outputlayer", None) is not None:
+            model.head_is_trained = False
+            logger.warning(
+                f"{type(model).__name__}: {pretrained_model_name_or_path} holds no classification head "
+                f"({len(missing_head)} outputlayer tensors missing), so its {model.outputlayer[-1].out_features} "
+                f"outputs are random until it is fine-tuned; for embeddings use DashengModel's pooler_output."
+            )
+        return (model, loading_info) if wants_loading_info else model
 
     def check_weights(self) -> None:
         """Raise `ValueError` naming the first tensor that holds NaN or infinity, or a negative BatchNorm variance."""
@@ -588,8 +623,19 @@ class DashengAudioClassificationPipeline(AudioClassificationPipeline):
     Audio classification pipeline that batches clips of different lengths (`batch_size > 1`).
 
     Transformers' default collation pads axis 1, which for Dasheng's `(1, mel bins, frames)` features is the mel
-    axis; this pipeline pads frames instead and always passes the frame mask.
+    axis; this pipeline pads frames instead and always passes the frame mask. It refuses a classifier whose head was
+    never trained (loaded from an encoder-only folder): its labels would be random.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self.model, "head_is_trained", True) is False:
+            raise ValueError(
+                f"{getattr(self.model.config, '_name_or_path', '') or 'This model'} has no trained classification "
+                f"head (an encoder-only checkpoint), so its labels would be random: fine-tune it first, or load a "
+                f"classifier (e.g. `dasheng-convert --checkpoint dasheng-audioset`); for embeddings use AutoModel "
+                f"and pooler_output."
+            )
 
     def _sanitize_parameters(self, top_k: int | None = None, function_to_apply: str | None = None, **kwargs: Any):
         preprocess, forward, postprocess = super()._sanitize_parameters(

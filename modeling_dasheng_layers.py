@@ -15,19 +15,30 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dasheng import DashengConfig
 
 __all__ = [
+    "DashengChunkedSequences",
     "DashengDropPath",
     "DashengLayer",
     "DashengMLP",
     "DashengPackedSequences",
     "DashengSelfAttention",
+    "attention_bias",
     "eager_attention_forward",
+    "encode_in_fixed_chunks",
+    "is_exporting",
     "run_blocks",
 ]
+
+
+def is_exporting() -> bool:
+    """True while `torch.export` (hence the ONNX exporter) or `torch.jit.trace` records the model."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(exporting is not None and exporting()) or torch.jit.is_tracing()
 
 
 class DashengPackedSequences:
@@ -61,6 +72,7 @@ class DashengPackedSequences:
         self.token_index = token_index
         self.batch_size, self.num_tokens, self.chunk_num_tokens = batch_size, num_tokens, chunk_num_tokens
         self.total_tokens = sum(lengths)
+        self.key_padding_mask: torch.Tensor | None = None  # every packed token is real
         # (first sequence, number of sequences, length) of each run of equal lengths.
         self.groups: list[tuple[int, int, int]] = []
         for position, length in enumerate(lengths):
@@ -157,6 +169,75 @@ class DashengPackedSequences:
         return like.new_zeros(self.batch_size, num_chunks, num_heads, chunk, chunk)
 
 
+class DashengChunkedSequences(DashengPackedSequences):
+    """
+    The export layout of a batch: every clip cut into `ceil(num_tokens / length)` chunks of exactly `length` tokens
+    (padding included) with a key-padding mask, so that no shape depends on the data. `length` is `chunk_num_tokens`,
+    or with `trim_short` `min(num_tokens, chunk_num_tokens)`, which spares a batch of short clips the padding to a
+    whole chunk (the ONNX exporter accepts the resulting shape formulas; `torch.export`'s guards do not).
+
+    A real token attends only to the real tokens of its chunk, which is what the padding-free layout computes; padded
+    tokens are computed too and zeroed by `unpack`. `torch.export` and the ONNX exporter trace this layout.
+
+    Args:
+        valid_tokens: `(batch_size,)` int64 tokens of real audio per clip.
+        batch_size, num_tokens: Shape of the source `(batch_size, num_tokens, hidden)`.
+        chunk_num_tokens: Longest chunk (the attention span).
+        trim_short: Chunks of `min(num_tokens, chunk_num_tokens)` tokens.
+    """
+
+    def __init__(
+        self,
+        valid_tokens: torch.Tensor,
+        batch_size: int,
+        num_tokens: int,
+        chunk_num_tokens: int,
+        trim_short: bool = False,
+    ):
+        self.batch_size, self.num_tokens = batch_size, num_tokens
+        length = torch.sym_min(num_tokens, chunk_num_tokens) if trim_short else chunk_num_tokens
+        self.chunk_num_tokens = length
+        self.num_chunks = (num_tokens + length - 1) // length
+        self.padded_tokens = self.num_chunks * length
+        device = valid_tokens.device
+        self.real = torch.arange(num_tokens, device=device)[None, :] < valid_tokens[:, None]  # (batch, num_tokens)
+        # Built per sequence rather than reshaped from `real`: a reshape would make the exporter guard on sizes.
+        sequence = torch.arange(batch_size * self.num_chunks, device=device)
+        num_chunks = torch.scalar_tensor(self.num_chunks, dtype=torch.long, device=device)  # tensor arithmetic: ONNX
+        clip = torch.div(sequence, num_chunks, rounding_mode="floor")
+        first = (sequence - clip * num_chunks) * torch.scalar_tensor(length, dtype=torch.long, device=device)
+        self.key_padding_mask = torch.arange(length, device=device)[None, :] < (valid_tokens[clip] - first)[:, None]
+        self.token_index = None
+        self.total_tokens = batch_size * self.padded_tokens
+        self.groups = [(0, batch_size * self.num_chunks, length)]
+
+    def __len__(self) -> int:
+        raise TypeError("DashengChunkedSequences has a symbolic number of sequences; use num_chunks * batch_size.")
+
+    def pack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, num_tokens, hidden)` to `(batch_size * padded_tokens, hidden)`, each clip padded at its end."""
+        # A gather, not F.pad: no shape comparison for the exporter to guard on; the padding repeats the last token.
+        source = torch.arange(self.padded_tokens, device=tokens.device).clamp(max=self.num_tokens - 1)
+        return tokens.index_select(1, source).reshape(-1, tokens.shape[-1])
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """`(batch_size * padded_tokens, hidden)` to `(batch_size, num_tokens, hidden)`, zeros at padding."""
+        tokens = packed.reshape(-1, self.padded_tokens, packed.shape[-1])
+        tokens = tokens.index_select(1, torch.arange(self.num_tokens, device=packed.device))
+        return torch.where(self.real[..., None], tokens, torch.zeros((), dtype=packed.dtype))
+
+
+def attention_bias(key_padding_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """
+    Additive `(sequences, 1, 1, length)` mask from a key-padding mask (True = real key): 0 or the dtype's lowest
+    value, which keeps a sequence with no real key finite (uniform weights) where -inf would give NaN.
+    """
+    if key_padding_mask is None:
+        return None
+    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill(~key_padding_mask, torch.finfo(dtype).min)[:, None, None, :]
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -230,16 +311,18 @@ class DashengSelfAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
         if attention_weights is not None:
             context = self._attend_with_weights(qkv, sequences, attention_weights)
-        elif "flash" in self.config._attn_implementation:
+        elif "flash" in self.config._attn_implementation and sequences.key_padding_mask is None:
             context = self._attend_variable_length(qkv, sequences)
         else:
             context = self._attend_by_length(qkv, sequences)
         return self.proj_drop(self.proj(context.reshape(hidden_states.shape)))
 
-    def _attention_function(self, query: torch.Tensor):
+    def _attention_function(self, query: torch.Tensor, masked: bool = False):
         implementation = self.config._attn_implementation
         if implementation == "eager" or (implementation == "sdpa" and _is_cpu_bf16_training(self, query)):
             return eager_attention_forward
+        if masked and implementation != "sdpa":  # the export layout's additive mask: eager and SDPA take it
+            return ALL_ATTENTION_FUNCTIONS["sdpa"]
         if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # Transformers 5
             return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
@@ -247,15 +330,17 @@ class DashengSelfAttention(nn.Module):
     @staticmethod
     def _split_heads(qkv: torch.Tensor, sequences: int, length: int) -> tuple[torch.Tensor, ...]:
         """Packed `(sequences * length, 3, heads, head_dim)` to query, key, value `(sequences, heads, length, dim)`."""
-        return qkv.view(sequences, length, *qkv.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)
+        return qkv.view(-1, length, *qkv.shape[1:]).permute(2, 0, 3, 1, 4).unbind(0)
 
     def _attend_by_length(self, qkv: torch.Tensor, sequences: DashengPackedSequences) -> torch.Tensor:
-        """One batched call per run of equal-length sequences: no padding, no mask."""
-        attention, dropout = self._attention_function(qkv), self.attn_drop.p if self.training else 0.0
+        """One batched call per run of equal-length sequences: no padding, no mask (a key-padding mask for export)."""
+        masked = sequences.key_padding_mask is not None
+        attention, dropout = self._attention_function(qkv, masked), self.attn_drop.p if self.training else 0.0
+        mask = attention_bias(sequences.key_padding_mask, qkv.dtype)
         outputs, offset = [], 0
         for _, count, length in sequences.groups:
             query, key, value = self._split_heads(qkv[offset : offset + count * length], count, length)
-            output, _ = attention(self, query, key, value, None, dropout=dropout, scaling=self.scaling)
+            output, _ = attention(self, query, key, value, mask, dropout=dropout, scaling=self.scaling)
             outputs.append(output.reshape(count * length, -1))
             offset += count * length
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -391,3 +476,33 @@ def run_blocks(
         states.append(sequences.unpack(hidden_states))
         hidden_states = sequences.pack(states[-1])
     return hidden_states, None if states is None else tuple(states), tuple(weights) if output_attentions else None
+
+
+def encode_in_fixed_chunks(
+    blocks: nn.ModuleList,
+    norm: nn.Module,
+    tokens: torch.Tensor,
+    valid_tokens: torch.Tensor | None,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+) -> BaseModelOutputWithPooling:
+    """
+    The encoder's blocks, final norm and mean pooling for `torch.export` and ONNX, where no shape may depend on the
+    data: tokens `(batch, num_tokens, hidden)` in fixed chunks with a key-padding mask (`DashengChunkedSequences`),
+    so each real token attends to the same tokens as in the padding-free layout and the outputs are the same.
+    `valid_tokens` `(batch,)` counts each clip's real tokens (None: all are real).
+    """
+    if output_attentions:
+        raise ValueError("output_attentions=True cannot be exported: export the model without it.")
+    batch, num_tokens, _ = tokens.shape
+    if valid_tokens is None:
+        valid_tokens = torch.full((batch,), num_tokens, dtype=torch.long, device=tokens.device)
+    chunk_num_tokens = blocks[0].attn.config.chunk_num_tokens
+    trim = torch.onnx.is_in_onnx_export()  # short batches: chunks only as long as the batch
+    sequences = DashengChunkedSequences(valid_tokens, batch, num_tokens, chunk_num_tokens, trim_short=trim)
+    hidden_states, all_states, _ = run_blocks(blocks, sequences.pack(tokens), sequences, False, output_hidden_states)
+    last_hidden_state = sequences.unpack(norm(hidden_states))
+    pooled = last_hidden_state.sum(dim=1) / valid_tokens.clamp(min=1).to(last_hidden_state.dtype)[:, None]
+    return BaseModelOutputWithPooling(
+        last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_states
+    )

@@ -76,6 +76,24 @@ class _DerivedConfig:
         return getattr(self._parent, name)
 
 
+class _SequencePacking(DashengPackedSequences):
+    """
+    The packing of `DashengForPreTraining`'s stacks, where each sequence is a batch row of one chunk: a block's
+    attention weights are kept as `(sequences, heads, length, length)` (`attention_weights`) and handed to the block
+    as its `(sequences, 1, heads, length, length)` view, so the returned tensors are those the blocks read back (on
+    the path to the loss: `retain_grad()` works on them).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.attention_weights: list[torch.Tensor] = []
+
+    def attention_weights_buffer(self, num_heads: int, like: torch.Tensor) -> torch.Tensor:
+        weights = like.new_zeros(self.batch_size, num_heads, self.chunk_num_tokens, self.chunk_num_tokens)
+        self.attention_weights.append(weights)
+        return weights.unsqueeze(1)
+
+
 class DashengGroupMasking(nn.Module):
     """
     The original's group masking: one noise value per group of `mask_group_size` consecutive tokens, groups sorted
@@ -346,12 +364,12 @@ class DashengForPreTraining(DashengPreTrainedModel):
             states are `(sequences, length, width)`, weights `(sequences, heads, length, length)`.
         """
         length = hidden_states.shape[1]
-        packing = DashengPackedSequences.split_into_chunks(lengths.tolist(), length, length, hidden_states.device)
-        packed, states, weights = run_blocks(
+        packing = _SequencePacking.split_into_chunks(lengths.tolist(), length, length, hidden_states.device)
+        packed, states, _ = run_blocks(
             blocks, packing.pack(hidden_states), packing, output_attentions, output_hidden_states
         )
         hidden_states = packing.unpack(norm(packed))
-        return hidden_states, states, None if weights is None else tuple(layer[:, 0] for layer in weights)
+        return hidden_states, states, tuple(packing.attention_weights) if output_attentions else None
 
     def patchify(self, input_values: torch.Tensor) -> torch.Tensor:
         """

@@ -82,6 +82,8 @@ __all__ = [  # the datasets, and the decoding and source helpers every tool impo
     "DashengAudioClips",
     "DashengAudioDataset",
     "DashengAudioError",
+    "DashengAudioPart",
+    "audio_parts",
     "crop_audio",
     "decode_audio",
     "expand_pattern",
@@ -322,6 +324,60 @@ class DashengAudioDataset(torch.utils.data.IterableDataset):
             yield item
         for index in rng.permutation(len(buffer)):
             yield buffer[index]
+
+
+class DashengAudioPart:
+    """
+    A run of consecutive clips of a source, read in order (for tools that write one output file per part, such as
+    `dasheng-embed`): up to `clips_per_part` files or dataset rows, or one whole webdataset tar shard.
+
+    Attributes:
+        number: The part's position among all parts of the sources (0, 1, ...).
+        num_clips: Clips in it, or None for a tar shard (known once read).
+    """
+
+    def __init__(self, number: int, units: list[Any]):
+        self.number, self._units = number, units
+        self.num_clips = None if any(isinstance(unit, TarShard) for unit in units) else len(units)
+
+    def records(self) -> Iterator[AudioRecord | DashengAudioError]:
+        """The part's clips in order; a sample that cannot be read comes as the error that names it."""
+        for unit in self._units:
+            records = unit_records(unit)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    break
+                except Exception as error:  # a damaged shard: the rest of it is lost, named once
+                    yield DashengAudioError(f"{getattr(unit, 'path', unit)}: damaged, the rest is skipped ({error}).")
+                    break
+                yield record
+
+
+def audio_parts(
+    sources: Any, clips_per_part: int, audio_column: str = "audio", split: str = "train"
+) -> list[DashengAudioPart]:
+    """
+    The clips of `sources` (see the module docstring) cut into [`DashengAudioPart`]s: consecutive files or dataset
+    rows by `clips_per_part`, each tar shard a part of its own. The same sources always give the same parts.
+    """
+    if clips_per_part < 1:
+        raise DashengAudioError(f"clips_per_part must be at least 1, got {clips_per_part}.")
+    parts: list[DashengAudioPart] = []
+    pending: list[Any] = []
+    for unit in resolve_sources(sources, audio_column, split):
+        if isinstance(unit, TarShard) or len(pending) == clips_per_part:
+            if pending:
+                parts.append(DashengAudioPart(len(parts), pending))
+            pending = []
+        if isinstance(unit, TarShard):
+            parts.append(DashengAudioPart(len(parts), [unit]))
+        else:
+            pending.append(unit)
+    if pending:
+        parts.append(DashengAudioPart(len(parts), pending))
+    return parts
 
 
 def per_process_dataloader(

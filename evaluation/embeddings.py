@@ -59,42 +59,84 @@ class LinearProbeError(ValueError):
 @dataclass
 class AudioClips:
     """
-    Labelled clips with their cross-validation folds; audio is decoded (mono, 16 kHz) when asked for.
+    Labelled clips with their evaluation protocol; audio is decoded (mono, 16 kHz) when asked for, or the clips come
+    as embeddings already computed (`dasheng-embed` output).
 
     Attributes:
-        audio: The clips (a [`DashengAudioClips`]: files or `datasets` rows).
-        labels: `(num_clips,)` int64 class indices `0 .. len(label_names) - 1`.
-        folds: `(num_clips,)` int64 fold of each clip.
+        audio: The clips (a [`DashengAudioClips`]: files or `datasets` rows), or None with `embeddings`.
+        labels: `(num_clips,)` int64 class indices `0 .. len(label_names) - 1` (single-label), or `(num_clips,
+            num_classes)` float32 multi-hot targets (multi-label).
+        folds: `(num_clips,)` int64 fold of each clip (cross-validation), or None.
         label_names: Name of each class index.
         fingerprint: Identifies the data and its order (part of the embedding cache key).
         source: The `--dataset` argument it was loaded from.
+        splits: `(num_clips,)` `"train"`, `"validation"` or `"test"` of each clip (given splits), or None.
+        files: Each clip's file name (or id), for `predictions.csv`; default its message name.
+        embeddings: `(num_clips, hidden)` float32 embeddings computed before, or None.
     """
 
-    audio: DashengAudioClips
+    audio: DashengAudioClips | None
     labels: np.ndarray
-    folds: np.ndarray
+    folds: np.ndarray | None
     label_names: list[str]
     fingerprint: str
     source: str
+    splits: np.ndarray | None = None
+    files: list[str] | None = None
+    embeddings: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether each clip has a set of labels (multi-hot `labels`) rather than one class."""
+        return self.labels.ndim == 2
+
     def waveform(self, index: int) -> np.ndarray:
         """Clip `index` as mono float32 samples at 16 kHz; [`DashengAudioError`] names a clip that cannot be used."""
+        if self.audio is None:
+            raise LinearProbeError(f"{self.source} holds embeddings, not audio: a head on audio needs the audio files.")
         return self.audio[int(index)]["audio"]
 
     def name(self, index: int) -> str:
         """The file (and list row) of clip `index`, for messages."""
+        if self.audio is None:
+            return self.file(index)
         return self.audio.record(int(index)).origin
+
+    def file(self, index: int) -> str:
+        """The file name (or dataset id) of clip `index`, for `predictions.csv`."""
+        if self.files is not None:
+            return self.files[int(index)]
+        record = self.audio.record(int(index))
+        return record.path or record.key
 
     def subset(self, indices: Sequence[int]) -> AudioClips:
         """The clips at `indices` (same labels and names, a fingerprint of their own)."""
         indices = [int(index) for index in indices]
-        audio = DashengAudioClips.from_records([self.audio.units[index] for index in indices])
+        audio = None if self.audio is None else DashengAudioClips.from_records([self.audio.units[i] for i in indices])
         fingerprint = hashlib.sha256(f"{self.fingerprint}|{indices}".encode()).hexdigest()
-        labels, folds = self.labels[indices], self.folds[indices]
-        return replace(self, audio=audio, labels=labels, folds=folds, fingerprint=fingerprint)
+
+        def pick(values: Any) -> Any:
+            return (
+                None
+                if values is None
+                else values[indices]
+                if isinstance(values, np.ndarray)
+                else [values[i] for i in indices]
+            )
+
+        return replace(
+            self,
+            audio=audio,
+            labels=self.labels[indices],
+            folds=pick(self.folds),
+            splits=pick(self.splits),
+            files=pick(self.files),
+            embeddings=pick(self.embeddings),
+            fingerprint=fingerprint,
+        )
 
 
 def is_local_path(path: str) -> bool:
@@ -152,13 +194,15 @@ def load_encoder(
     name: str = DEFAULT_MODEL,
     trust_remote_code: bool = False,
     label_names: Sequence[str] | None = None,
+    multi_label: bool = False,
 ) -> tuple[PreTrainedModel, FeatureExtractionMixin]:
     """
     Load an encoder and its feature extractor from a Hub id or a local folder.
 
     Dasheng checkpoints (this project's layout or the first Hub port) load with this project's classes; any other
     audio model loads with `AutoModel` / `AutoFeatureExtractor`. With `label_names` the model is a classifier with a
-    fresh head of that many outputs (`DashengForAudioClassification` or `AutoModelForAudioClassification`).
+    fresh head of that many outputs (`DashengForAudioClassification` or `AutoModelForAudioClassification`), trained
+    with a sigmoid per class when `multi_label`.
     """
     config_dict = read_model_config(name)
     if is_local_path(name):
@@ -167,6 +211,8 @@ def load_encoder(
     if label_names is not None:
         id2label = dict(enumerate(label_names))
         labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if multi_label:
+            labels["problem_type"] = "multi_label_classification"
     if _is_dasheng(config_dict):
         if labels is None:
             model = DashengModel.from_pretrained(name)
@@ -316,7 +362,7 @@ def cached_embeddings(
     key = f"{_CACHE_VERSION}|{_model_fingerprint(model_name, model)}|{clips.fingerprint}"
     path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     if path.exists():
-        embeddings, skipped = _read_cache(path, key, len(clips))
+        embeddings, skipped = _read_cache(path, key, len(clips), getattr(model.config, "hidden_size", None))
         return embeddings, skipped, True
     skipped: dict[int, str] = {}
     embeddings = embed_clips(
@@ -333,7 +379,9 @@ def cached_embeddings(
     return embeddings, skipped, False
 
 
-def _read_cache(path: Path, key: str, num_clips: int) -> tuple[np.ndarray, dict[int, str]]:
+def _read_cache(path: Path, key: str, num_clips: int, width: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """The cache file's embeddings and skipped clips; a file that is damaged, of other data or of another width (the
+    model's `hidden_size`) is an error that says how to clear it (it is never recomputed silently)."""
     clear = f"Delete it (rm {path}) to embed the clips again, or pass another --cache-dir."
     try:
         with np.load(path, allow_pickle=False) as stored:
@@ -343,6 +391,11 @@ def _read_cache(path: Path, key: str, num_clips: int) -> tuple[np.ndarray, dict[
         raise LinearProbeError(
             f"The embedding cache {path} is damaged ({type(error).__name__}: {error}). {clear}"
         ) from error
+    if embeddings.ndim == 2 and width is not None and embeddings.shape[1] != width and len(embeddings) == num_clips:
+        raise LinearProbeError(
+            f"The embedding cache {path} holds embeddings {embeddings.shape[1]} wide, but the model gives {width}. "
+            f"{clear}"
+        )
     unusable = set(np.flatnonzero(~np.isfinite(embeddings).all(axis=1)).tolist()) if embeddings.ndim == 2 else None
     if stored_key != key or embeddings.ndim != 2 or len(embeddings) != num_clips or unusable != set(skipped):
         raise LinearProbeError(

@@ -1,7 +1,8 @@
 """
-The classifiers of the ESC-50 evaluation (`linear_probe.py`), one held-out fold at a time: a linear head trained
-with `Trainer` on frozen embeddings, k-nearest-neighbour voting on them, and end-to-end fine-tuning of an audio
-classifier with `Trainer`. Each returns the predicted class index of every held-out clip.
+The heads of the evaluations (`protocol.py`), one held-out fold at a time: a linear head or a small MLP trained with
+`Trainer` on frozen embeddings, k-nearest-neighbour voting on them, and end-to-end fine-tuning of an audio classifier
+with `Trainer`. Each returns a score per class for every held-out clip (argmax: the predicted class; multi-label:
+ranked per class). Trainer's per-step logs go to `log_history.json`, not to the console.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .embeddings import AudioClips, LinearProbeError, featurize, load_encoder
 
@@ -25,6 +27,7 @@ __all__ = [
     "LinearProbeHead",
     "finetune_classifier",
     "knn_predict",
+    "knn_scores",
     "multi_process_cpu",
     "train_linear_probe",
 ]
@@ -35,25 +38,42 @@ MODE_DEFAULTS = {"probe": (30, 1e-2, 256), "finetune": (10, 5e-5, 16)}
 
 
 class LinearProbeHead(nn.Module):
-    """Logistic regression on embeddings standardised with the training fold's mean and standard deviation."""
+    """
+    Logistic regression on embeddings standardised with the training fold's mean and standard deviation; with
+    `hidden_size`, a small MLP instead (one hidden ReLU layer with dropout 0.1, HEAR's shallow downstream head).
+    Multi-label heads train with a sigmoid per class (binary cross-entropy), single-label with softmax.
+    """
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray, num_labels: int):
+    def __init__(
+        self, mean: np.ndarray, std: np.ndarray, num_labels: int, hidden_size: int | None = None, multi_label=False
+    ):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6))
-        self.classifier = nn.Linear(self.mean.numel(), num_labels)
+        width, self.multi_label = self.mean.numel(), multi_label
+        if hidden_size is None:
+            self.classifier = nn.Linear(width, num_labels)
+        else:
+            self.classifier = nn.Sequential(
+                nn.Linear(width, hidden_size), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden_size, num_labels)
+            )
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        """`embeddings` `(batch, hidden)`, `labels` `(batch,)` class indices; logits `(batch, num_labels)`."""
+        """`embeddings` `(batch, hidden)`, `labels` `(batch,)` class indices or `(batch, num_labels)` multi-hot;
+        logits `(batch, num_labels)`."""
         logits = self.classifier((embeddings - self.mean) / self.std)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        loss = None
+        if labels is not None and self.multi_label:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        elif labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 class _EmbeddingDataset(torch.utils.data.Dataset):
     def __init__(self, embeddings: np.ndarray, labels: np.ndarray):
         self.embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,7 +91,8 @@ class _WaveformDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         clip = int(self.indices[index])
-        return {"waveform": self.clips.waveform(clip), "labels": int(self.clips.labels[clip])}
+        label = self.clips.labels[clip]
+        return {"waveform": self.clips.waveform(clip), "labels": label if label.ndim else int(label)}
 
 
 class _WaveformCollator:
@@ -82,12 +103,15 @@ class _WaveformCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = featurize(self.feature_extractor, [item["waveform"] for item in items])
-        batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.long)
+        labels = np.array([item["labels"] for item in items])
+        batch["labels"] = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
         return batch
 
 
 def _accuracy(eval_prediction: EvalPrediction) -> dict[str, float]:
     logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    if labels.ndim == 2:  # multi-label: the share of correct yes/no decisions at 0.5, for the curve only
+        return {"accuracy": float(((logits > 0) == (labels > 0.5)).mean())}
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
@@ -120,16 +144,20 @@ def _training_arguments(
         label_names=["labels"],
         use_cpu=multi_process_cpu(),
         dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
+        log_level="warning",
     )
 
 
 def _fit_and_predict(trainer: Trainer, eval_dataset: torch.utils.data.Dataset, output_dir: Path) -> np.ndarray:
-    """Train, write the log history, and return the predicted class of every evaluation item."""
+    """Train quietly, write the log history, and return the scores `(items, classes)` of every evaluation item."""
+    trainer.remove_callback(PrinterCallback)  # per-step logs go to log_history.json, not the console
+    trainer.remove_callback(ProgressCallback)
     trainer.train()
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return np.argmax(trainer.predict(eval_dataset).predictions, axis=-1)
+    return np.asarray(trainer.predict(eval_dataset).predictions, dtype=np.float32)
 
 
 def train_linear_probe(
@@ -143,17 +171,19 @@ def train_linear_probe(
     learning_rate: float = MODE_DEFAULTS["probe"][1],
     batch_size: int = MODE_DEFAULTS["probe"][2],
     seed: int = 0,
+    hidden_size: int | None = None,
 ) -> np.ndarray:
     """
-    Train a [`LinearProbeHead`] with `Trainer` (evaluated on the eval set every epoch, for the curve only) and write
-    its training log to `output_dir/log_history.json`.
+    Train a [`LinearProbeHead`] (an MLP with `hidden_size`) with `Trainer` (evaluated on the eval set every epoch,
+    for the curve only) and write its training log to `output_dir/log_history.json`. Labels are class indices
+    `(num,)` or multi-hot targets `(num, num_labels)` (multi-label).
 
     Returns:
-        `(num_eval,)` predicted class indices of the eval embeddings after the last epoch.
+        `(num_eval, num_labels)` logits of the eval embeddings after the last epoch.
     """
     set_seed(seed)
     mean, std = train_embeddings.mean(axis=0), train_embeddings.std(axis=0)
-    head = LinearProbeHead(mean, std, num_labels)
+    head = LinearProbeHead(mean, std, num_labels, hidden_size, multi_label=train_labels.ndim == 2)
     eval_dataset = _EmbeddingDataset(eval_embeddings, eval_labels)
     args = _training_arguments(Path(output_dir), epochs, learning_rate, batch_size, seed, large_eval_batches=True)
     trainer = Trainer(
@@ -188,13 +218,13 @@ def finetune_classifier(
     """
     Fine-tune a fresh classifier on `model_name` (see [`load_encoder`]) with `Trainer` on the clips at
     `train_indices`, whole, and write its training log to `output_dir/log_history.json`; with `freeze_encoder` only
-    the head trains.
+    the head trains. Multi-label clips train with a sigmoid per class.
 
     Returns:
-        `(len(eval_indices),)` predicted class indices of the clips at `eval_indices` after the last epoch.
+        `(len(eval_indices), num_labels)` logits of the clips at `eval_indices` after the last epoch.
     """
     set_seed(seed)
-    model, feature_extractor = load_encoder(model_name, trust_remote_code, clips.label_names)
+    model, feature_extractor = load_encoder(model_name, trust_remote_code, clips.label_names, clips.multi_label)
     if freeze_encoder:
         if not hasattr(model, "freeze_encoder"):
             raise LinearProbeError(f"{type(model).__name__} has no freeze_encoder(); drop --freeze-encoder.")
@@ -212,6 +242,37 @@ def finetune_classifier(
     return _fit_and_predict(trainer, eval_dataset, Path(output_dir))
 
 
+def knn_scores(
+    train_embeddings: np.ndarray, train_labels: np.ndarray, query_embeddings: np.ndarray, k: int = 10
+) -> np.ndarray:
+    """
+    k-NN by cosine similarity of L2-normalised embeddings (the paper's evaluation: k = 10): `(queries, classes)`.
+
+    Single-label (`train_labels` class indices): each class's votes among the `k` most similar training clips, plus
+    its summed similarity scaled below one vote (which breaks ties). Multi-label (multi-hot `train_labels`): the share
+    of the `k` neighbours carrying each label, plus the same tie-breaking term.
+    """
+    train = train_embeddings / np.linalg.norm(train_embeddings, axis=1, keepdims=True).clip(min=1e-12)
+    query = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True).clip(min=1e-12)
+    k = min(k, len(train))
+    similarity = query @ train.T
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    nearest_similarity = np.take_along_axis(similarity, nearest, axis=1)
+    if train_labels.ndim == 2:
+        neighbours = train_labels[nearest]  # (queries, k, classes)
+        votes = neighbours.sum(axis=1)
+        summed = (neighbours * nearest_similarity[:, :, None]).sum(axis=1)
+        # Summed similarity lies in [-k, k], so shifted by k and divided by 2k + 1 it is below one vote.
+        return ((votes + (summed + k) / (2 * k + 1)) / k).astype(np.float32)
+    num_labels = int(train_labels.max()) + 1
+    votes = np.zeros((len(query), num_labels))
+    summed = np.zeros((len(query), num_labels))
+    rows = np.repeat(np.arange(len(query)), k)
+    np.add.at(votes, (rows, train_labels[nearest].ravel()), 1.0)
+    np.add.at(summed, (rows, train_labels[nearest].ravel()), nearest_similarity.ravel())
+    return (votes + (summed + k) / (2 * k + 1)).astype(np.float32)
+
+
 def knn_predict(
     train_embeddings: np.ndarray, train_labels: np.ndarray, query_embeddings: np.ndarray, k: int = 10
 ) -> np.ndarray:
@@ -221,17 +282,4 @@ def knn_predict(
     Each query takes the majority class of its `k` most similar training clips; ties between classes go to the
     class with the larger summed similarity.
     """
-    train = train_embeddings / np.linalg.norm(train_embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    query = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True).clip(min=1e-12)
-    k = min(k, len(train))
-    similarity = query @ train.T
-    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-    nearest_similarity = np.take_along_axis(similarity, nearest, axis=1)
-    num_labels = int(train_labels.max()) + 1
-    votes = np.zeros((len(query), num_labels))
-    summed = np.zeros((len(query), num_labels))
-    rows = np.repeat(np.arange(len(query)), k)
-    np.add.at(votes, (rows, train_labels[nearest].ravel()), 1.0)
-    np.add.at(summed, (rows, train_labels[nearest].ravel()), nearest_similarity.ravel())
-    # Summed similarity lies in [-k, k], so shifted by k and divided by 2k + 1 it is below one vote.
-    return np.argmax(votes + (summed + k) / (2 * k + 1), axis=1)
+    return np.argmax(knn_scores(train_embeddings, train_labels, query_embeddings, k), axis=1)

@@ -3,6 +3,7 @@
     import dasheng_hf.evaluation.hear as hear
 
     model = hear.load_model("mispeech/dasheng-base")  # a Hub id, a folder, or a size name such as "dasheng-0.6B"
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")  # audio is moved to the model's device
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)  # audio: (n_sounds, n_samples) at 16 kHz
     scene = hear.get_scene_embeddings(audio, model)
 
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli.preflight import HubResource, check_resources
 from ..configuration_dasheng import canonical_preset_name
 from ..feature_extraction_dasheng import DashengFeatureExtractor
 from ..modeling_dasheng import DashengModel
@@ -85,11 +87,18 @@ class DashengHearModel(nn.Module):
 
 
 def _check_audio(audio: Any) -> torch.Tensor:
+    """The checks the feature extractor does not make first: type, shape, dtype, and no empty axis."""
     if not isinstance(audio, torch.Tensor):
         raise TypeError(f"audio must be a torch.Tensor of shape (n_sounds, n_samples), got {type(audio).__name__}.")
     if audio.ndim != 2:
         hint = " Add a batch axis with audio[None]." if audio.ndim == 1 else " Mix multi-channel audio down to mono."
         raise ValueError(f"audio must have shape (n_sounds, n_samples), got {tuple(audio.shape)}.{hint}")
+    if audio.shape[0] == 0:
+        raise ValueError(f"audio holds no sounds (shape {tuple(audio.shape)}): pass at least one.")
+    if audio.shape[1] == 0:
+        raise ValueError(
+            f"audio has no samples (shape {tuple(audio.shape)}): Dasheng needs at least 480 samples (30 ms at 16 kHz)."
+        )
     if not audio.is_floating_point():
         raise ValueError(f"audio must hold float samples in [-1, 1], got dtype {audio.dtype}.")
     return audio
@@ -116,6 +125,9 @@ def load_model(model_file_path: str = "", **options: Any) -> DashengHearModel:
         options: Passed on to `DashengModel.from_pretrained` (e.g. `revision`, `torch_dtype`, `attn_implementation`).
     Returns:
         A [`DashengHearModel`] in eval mode, on the CPU until moved with `.to(device)`.
+    Raises:
+        `DashengPreflightError` (a `ValueError`), before any download, when the folder does not exist or a Hub id is
+        neither cached nor reachable (offline with `HF_HUB_OFFLINE`, without retries).
     """
     source = _resolve(model_file_path)
     if Path(source).is_file():
@@ -123,15 +135,21 @@ def load_model(model_file_path: str = "", **options: Any) -> DashengHearModel:
             f"{model_file_path!r} is a file; load_model takes a folder or a Hub id. Convert an original Dasheng "
             f"checkpoint first: `dasheng-convert --checkpoint {model_file_path} --output FOLDER`."
         )
+    # Before any download: a missing folder is named as such, an unreachable or offline Hub in one line, no retries.
+    check_resources(
+        [HubResource("model_file_path", source)],
+        advice="a folder written by save_pretrained, or by `dasheng-convert --checkpoint dasheng-base --output FOLDER` "
+        "for a released checkpoint",
+        cache_dir=options.get("cache_dir"),
+    )
     try:
         model = DashengModel.from_pretrained(source, **options)
     except OSError as error:
         raise OSError(
-            f"Could not load a Dasheng model from {source!r} (from model_file_path={model_file_path!r}). Pass a "
-            f"folder written by save_pretrained or dasheng-convert, a Hub id, or a size name (dasheng-base, "
-            f"dasheng-0.6B, dasheng-1.2B); Hub ids need network access or the Hugging Face cache (HF_HUB_OFFLINE "
-            f"set). {error}"
-        ) from error
+            f"Could not load a Dasheng model from {source!r} (from model_file_path={model_file_path!r}): "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Pass a folder written by "
+            f"save_pretrained or dasheng-convert, a Hub id, or a size name (dasheng-base, dasheng-0.6B, dasheng-1.2B)."
+        ) from None
     try:
         feature_extractor = DashengFeatureExtractor.from_pretrained(source, revision=options.get("revision"))
     except OSError:  # a folder without preprocessor_config.json: the front end the config documents

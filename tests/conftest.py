@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dasheng_hf import DashengFeatureExtractor, DashengModel  # noqa: E402
-from helpers import hf_state_dict, make_reference_encoder, tiny_config  # noqa: E402
+from helpers import DATA_DIR, FSDD_SOURCE, hf_state_dict, make_reference_encoder, tiny_config  # noqa: E402
 
 # Property-based tests: `ci` (the default) keeps all property suites together to about 3 minutes on 2 CPU cores and
 # is derandomized, so CI runs are reproducible; `deep` (`pytest --hypothesis-profile=deep`) tries many more inputs.
@@ -41,6 +41,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("ci")
+
+
+def pytest_report_header(config) -> str:
+    """One line on the shared data: where it is looked for, and what happens without it."""
+    fsdd = DATA_DIR / "fsdd"
+    found = len(list(fsdd.glob("*.wav"))) if fsdd.is_dir() else 0
+    if found:
+        return f"test data: {DATA_DIR.resolve()} ({found} FSDD recordings)"
+    return f"test data: none at {DATA_DIR} (DASHENG_TEST_DATA): tests that need recorded speech skip ({FSDD_SOURCE})"
 
 
 @pytest.fixture(autouse=True)

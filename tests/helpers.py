@@ -1,4 +1,9 @@
-"""Shared test helpers: reference checkpoints with perturbed random weights, and real audio from ../shared/data."""
+"""Shared test helpers: reference checkpoints with perturbed random weights, and real audio from ../shared/data.
+
+Tests that need recorded speech (FSDD) or a label table get it through `fsdd_files`/`fsdd_clip`/`concatenated_fsdd`
+and `labels_file`: where the data is missing, these skip the test with one line saying where the data comes from and
+how to point the tests at a copy (`DASHENG_TEST_DATA`); every other test runs without it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,17 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(os.environ.get("DASHENG_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA_DIR = Path(os.environ.get("DASHENG_TEST_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 FSDD_DIR = DATA_DIR / "fsdd"
+LABELS_DIR = DATA_DIR / "labels"
 SAMPLING_RATE = 16000
+# The tests use the 1,000 recordings of two FSDD speakers (a full FSDD `recordings/` folder works too).
+FSDD_SPEAKERS = ("george", "jackson")
+FSDD_SOURCE = "Free Spoken Digit Dataset: github.com/Jakobovski/free-spoken-digit-dataset, CC BY-SA 4.0"
+LABEL_SOURCES = {  # file: where it comes from
+    "audioset_class_labels_indices.csv": "github.com/YuanGongND/ast, egs/audioset/data/",
+    "esc50_class_labels_indices.csv": "github.com/YuanGongND/ast, egs/esc50/data/",
+}
 
 
 def tiny_config(**kwargs):
@@ -61,11 +74,33 @@ def load_wav(path: str | Path) -> torch.Tensor:
     return waveform
 
 
+def _skip(reason: str) -> None:
+    import pytest
+
+    pytest.skip(reason)
+
+
 def fsdd_files() -> list[str]:
-    files = sorted(glob.glob(str(FSDD_DIR / "*.wav")))
+    """The FSDD recordings of `FSDD_SPEAKERS` (8 kHz WAVs, `{digit}_{speaker}_{take}.wav`), sorted; skips the calling
+    test (or fixture) where there are none."""
+    files = sorted(path for speaker in FSDD_SPEAKERS for path in glob.glob(str(FSDD_DIR / f"*_{speaker}_*.wav")))
     if not files:
-        raise FileNotFoundError(f"No FSDD recordings under {FSDD_DIR}; see ../shared/data/README.md.")
+        _skip(
+            f"needs recorded speech, and {FSDD_DIR} holds no FSDD WAVs ({FSDD_SOURCE}): put its recordings/*.wav in "
+            f"a folder fsdd/ and set DASHENG_TEST_DATA to the folder above it"
+        )
     return files
+
+
+def labels_file(name: str) -> Path:
+    """A label table from `LABELS_DIR` (`index,mid,display_name`); skips the calling test where it is missing."""
+    path = LABELS_DIR / name
+    if not path.is_file():
+        _skip(
+            f"needs the label table {name}, missing from {LABELS_DIR} (it comes from {LABEL_SOURCES.get(name, '?')}): "
+            f"put it in a folder labels/ and set DASHENG_TEST_DATA to the folder above it"
+        )
+    return path
 
 
 def fsdd_clip(index: int) -> torch.Tensor:

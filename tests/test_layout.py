@@ -11,8 +11,9 @@ from dasheng_hf.configuration_dasheng import CODE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_FILES = frozenset(Path(name).stem for name in CODE_FILES)
-SUBPACKAGES = ("audio", "conversion", "evaluation", "jobs", "pretraining")
-TOOLS = frozenset({"conversion", "evaluation", "pretraining", "convert_checkpoint"})
+SUBPACKAGES = ("audio", "cli", "conversion", "deployment", "embedding", "evaluation", "jobs", "pretraining")
+# `cli` and `jobs` serve them all.
+TOOLS = frozenset({"conversion", "deployment", "embedding", "evaluation", "pretraining", "convert_checkpoint"})
 ROOT_ITEMS = {
     *CODE_FILES,
     "__init__.py",
@@ -43,7 +44,16 @@ def imports_of(name: str, path: Path) -> list[tuple[str, int, str]]:
     `package_modules`), "absolute" (`from dasheng_hf...` inside the package) or "external" (top-level name)."""
     package = [] if "." not in name and (path.parent == REPO) else [path.parent.name]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    script_only = {  # `if __name__ == "__main__" and not __package__:` sets the package for `python file.py` (PEP 366)
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "__package__" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in script_only:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 top = alias.name.split(".")[0]

@@ -23,10 +23,10 @@ import pytest
 import torch
 from dasheng_hf import convert_checkpoint
 from dasheng_hf.configuration_dasheng import DashengConfig
-from dasheng_hf.conversion import output_folder
+from dasheng_hf.conversion import checkpoint_contents, output_folder
 from dasheng_hf.conversion.model_card import build_model_card
 from dasheng_hf.convert_checkpoint import main
-from helpers import DATA_DIR, concatenated_fsdd, fsdd_files, hf_state_dict, make_reference_encoder, max_abs_diff
+from helpers import concatenated_fsdd, fsdd_files, hf_state_dict, labels_file, make_reference_encoder, max_abs_diff
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -38,7 +38,6 @@ from transformers import (
 from transformers.pipelines.audio_utils import ffmpeg_read
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-AUDIOSET_LABELS = DATA_DIR / "labels" / "audioset_class_labels_indices.csv"
 TOLERANCE = 1e-4
 
 
@@ -135,7 +134,7 @@ def test_verify_passes_for_float32_and_bfloat16(tiny, tmp_path: Path, capsys: py
 
 def test_failed_verification_leaves_nothing(tiny, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(convert_checkpoint, "FLOAT32_TOLERANCE", 0.0)
-    monkeypatch.setattr(convert_checkpoint, "sweep_audio", lambda seconds: torch.randn(16000 * seconds) * 1e3)
+    monkeypatch.setattr(checkpoint_contents, "sweep_audio", lambda seconds: torch.randn(16000 * seconds) * 1e3)
     assert main(["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "new" / "out"), "--verify"]) == 1
     assert "Verification against the original implementation failed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the folder, its staging copy nor the created parent
@@ -188,7 +187,19 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Modul
 def test_classifier_gives_the_original_logits_and_pipeline_labels(classifier, tmp_path: Path, capsys) -> None:
     reference, head, checkpoint = classifier
     folder = tmp_path / "audioset"
-    assert main(["--checkpoint", str(checkpoint), "--output", str(folder), "--labels", str(AUDIOSET_LABELS)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(folder),
+                "--labels",
+                str(labels_file("audioset_class_labels_indices.csv")),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "under the prefix 'encoder.'" in out and "all 23 encoder tensors matched" in out
 
@@ -232,7 +243,14 @@ def test_labels_must_cover_every_output(classifier, tmp_path: Path, capsys) -> N
 
 
 def test_labels_on_an_encoder_are_refused(tiny, tmp_path: Path, capsys) -> None:
-    args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--labels", str(AUDIOSET_LABELS)]
+    args = [
+        "--checkpoint",
+        str(tiny[1]),
+        "--output",
+        str(tmp_path / "out"),
+        "--labels",
+        str(labels_file("audioset_class_labels_indices.csv")),
+    ]
     assert main(args) == 1
     assert "--labels only applies to classifiers" in capsys.readouterr().err
 
@@ -325,7 +343,7 @@ def test_hub_layout_folder_is_rewritten(tiny, tmp_path: Path) -> None:
     for name in ("configuration_dasheng.py", "modeling_dasheng.py", "feature_extraction_dasheng.py", "README.md"):
         assert (new / name).is_file()
     assert load_file(new / "model.safetensors").keys() == hf_state_dict(reference).keys()
-    assert "not one of the released sizes" in (new / "README.md").read_text()  # despite name="dasheng-base"
+    assert "not one of the released Dasheng checkpoints" in (new / "README.md").read_text()  # name="dasheng-base"
     audio = concatenated_fsdd(16000 * 2)
     assert max_abs_diff(encode(new, audio), reference_tokens(reference, audio)) < TOLERANCE
 
@@ -334,7 +352,7 @@ def test_model_card_front_matter_scores_and_runnable_usage(tiny, tmp_path: Path)
     assert main(["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out")]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     front_matter = card.split("---")[1]
-    for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: feature-extraction", "- audio"):
+    for line in ("library_name: transformers", "pipeline_tag: feature-extraction", "- audio"):
         assert line in front_matter
     usage = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     usage = re.sub(r'model_id = ".*"', f"model_id = {str(tmp_path / 'out')!r}", usage)
@@ -348,7 +366,7 @@ def test_model_card_front_matter_scores_and_runnable_usage(tiny, tmp_path: Path)
         "dasheng-1.2B": "83.2 | 75.7 | 84.9",
     }
     for name, scores in sizes.items():
-        assert scores in build_model_card(DashengConfig.from_preset(name), False, f"mispeech/{name}")
+        assert scores in build_model_card(DashengConfig.from_preset(name), False, f"mispeech/{name}", name)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -405,10 +423,25 @@ def test_a_downloaded_page_that_is_no_checkpoint_says_how_to_fetch_again(tmp_pat
     assert line.endswith(f"It was downloaded earlier: delete {cached} to fetch it again.")
 
 
-def test_push_to_hub_offline_fails_clearly_and_keeps_the_folder(tiny, tmp_path: Path, capsys) -> None:
+def test_push_to_hub_offline_fails_before_any_work(tiny, tmp_path: Path, capsys) -> None:
     args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--push-to-hub", "someone/dasheng-tiny"]
     assert main(args) == 1
-    assert "Cannot push to someone/dasheng-tiny: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    line = error_line(capsys.readouterr().err)
+    assert "Cannot push to someone/dasheng-tiny: HF_HUB_OFFLINE is set" in line and "hf upload" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_that_fails_late_keeps_the_folder(tiny, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Online with a token, but the Hub refuses the connection: the converted folder stays, with how to upload it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    args = ["--checkpoint", str(tiny[1]), "--output", str(tmp_path / "out"), "--push-to-hub", "someone/dasheng-tiny"]
+    assert main(args) == 1
+    assert "Pushing to someone/dasheng-tiny failed" in capsys.readouterr().err
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert 'model_id = "someone/dasheng-tiny"' in (tmp_path / "out" / "README.md").read_text()
 

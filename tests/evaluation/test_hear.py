@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dasheng_hf import DashengModel
+from dasheng_hf.cli.preflight import DashengPreflightError
 from dasheng_hf.evaluation import hear
 from helpers import concatenated_fsdd, hf_state_dict, max_abs_diff, tiny_config
 from safetensors.torch import save_file
@@ -134,8 +137,46 @@ def test_legacy_hub_folder_loads_with_the_config_front_end(tmp_path, reference_t
     ],
 )
 def test_size_names_resolve_to_hub_ids(tmp_path, name, repo_id):
-    with pytest.raises(OSError, match=f"Could not load a Dasheng model from '{repo_id}'"):
+    with pytest.raises(DashengPreflightError, match=f"'{repo_id}' is not in the local Hugging Face cache"):
         hear.load_model(name, cache_dir=str(tmp_path))  # offline with an empty cache: nothing to load
+
+
+def test_loading_errors_are_one_line_before_any_download(tmp_path):
+    """Offline, a Hub id is refused at once (no retries) and a missing folder is named as missing."""
+    with pytest.raises(DashengPreflightError) as offline:
+        hear.load_model("dasheng-base", cache_dir=str(tmp_path))
+    message = str(offline.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE" in message and "dasheng-convert" in message
+    assert offline.value.__cause__ is None and offline.value.__context__ is None  # no chained traceback
+    with pytest.raises(DashengPreflightError, match="does not exist") as missing:
+        hear.load_model(str(tmp_path / "no-such-model"))
+    assert "repo id" not in str(missing.value).lower()
+
+
+def test_a_folder_without_config_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="Could not load a Dasheng model from") as error:
+        hear.load_model(str(tmp_path / "empty"))
+    assert "\n" not in str(error.value) and error.value.__suppress_context__
+
+
+def test_readme_example_is_device_agnostic(model_folder):
+    """The README's HEAR example runs as written on a machine without a GPU (with a local folder for the Hub id)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### HEAR", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '.to("cuda")' not in code.replace('"cuda" if', "")
+    namespace: dict = {}
+    exec(code.replace('"mispeech/dasheng-base"', repr(str(model_folder))).replace("16000 * 5", "16000"), namespace)
+    assert namespace["scene"].shape == (4, 64)
+
+
+@pytest.mark.parametrize(("shape", "match"), [((2, 0), "has no samples"), ((0, 16000), "holds no sounds")])
+def test_empty_audio_is_named(hear_model, shape, match):
+    """Before: ZeroDivisionError for (2, 0), a bare max() error for (0, 16000)."""
+    for function in (hear.get_scene_embeddings, hear.get_timestamp_embeddings):
+        with pytest.raises(ValueError, match=match):
+            function(torch.zeros(shape), hear_model)
 
 
 def test_bad_inputs_are_named(hear_model, tmp_path):

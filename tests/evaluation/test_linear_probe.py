@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -213,65 +214,85 @@ def test_two_processes_under_torchrun(esc50_dir, dasheng_dir, tmp_path):
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
-def test_offline_hub_dataset_fails_fast_with_how_to_pass_a_local_folder(tmp_path, monkeypatch, capsys):
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_offline_readme_command_names_the_model_and_the_dataset_at_once(tmp_path, capsys, monkeypatch):
+    """The README's first command offline: one error naming both Hub resources and what to pass instead."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "runs" / "esc50-dasheng-base"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", "nobody/not-a-cached-dataset", "--output-dir", str(tmp_path)])
+        main(["--model", "mispeech/dasheng-base", "--dataset", "ashraq/esc50", "--output-dir", str(output)])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "nobody/not-a-cached-dataset" in message and "--dataset /path/to/ESC-50-master" in message
+    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    assert "--model 'mispeech/dasheng-base'" in message and "--dataset 'ashraq/esc50'" in message
+    assert "dasheng-convert" in message and "--dataset /path/to/ESC-50-master" in message
+    assert not (tmp_path / "runs").exists()
 
 
-def test_clear_errors_for_bad_inputs(esc50_dir, tmp_path, capsys):
+def test_clear_errors_for_bad_inputs(esc50_dir, tiny_dasheng_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    model = ["--model", str(tiny_dasheng_dir)]
     with pytest.raises(SystemExit):
-        main(["--dataset", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")])
+        main([*model, "--dataset", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")])
     assert "ESC-50 release layout" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--dataset", str(esc50_dir), "--folds", "7", "--output-dir", str(tmp_path / "out")])
+        main([*model, "--dataset", str(esc50_dir), "--folds", "7", "--output-dir", str(tmp_path / "out")])
     assert "Folds [7] are not in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "empty"), "--dataset", str(esc50_dir), "--output-dir", str(tmp_path / "o")])
     assert "Could not load the model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--dataset", str(esc50_dir), "--knn", "--mode", "finetune", "--output-dir", str(tmp_path / "out")])
+        main([*model, "--dataset", str(esc50_dir), "--knn", "--mode", "finetune", "--output-dir", str(tmp_path / "o")])
     assert "--knn" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # no folder left by a failure
 
 
-def test_notebook_runs_headless_and_draws_its_figures(esc50_dir, dasheng_dir, cache_dir, tmp_path):
+def run_notebook(env: dict[str, str], cwd: Path) -> list[dict]:
+    """Execute the notebook in a kernel with `env`; the outputs of its code cells (an error stops it)."""
     nbclient = pytest.importorskip("nbclient")
     import nbformat
 
     notebook = nbformat.read(REPO / "notebooks" / "esc50_linear_probe.ipynb", as_version=4)
-    env = {
-        "DASHENG_NOTEBOOK_MODEL": str(dasheng_dir),
-        "DASHENG_NOTEBOOK_DATASET": str(esc50_dir),
-        "DASHENG_NOTEBOOK_OUTPUT": str(tmp_path / "notebook-run"),
-        "DASHENG_NOTEBOOK_CACHE": str(cache_dir),
-        "HF_HUB_OFFLINE": "1",
-        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-    }
+    env = {**env, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        nbclient.NotebookClient(
-            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-        ).execute()
+        client = nbclient.NotebookClient(
+            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+        )
+        try:
+            client.execute()
+        except nbclient.exceptions.CellExecutionError:
+            pass  # the error is in the outputs
     finally:
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+
+
+def test_notebook_runs_headless_and_draws_its_figures(esc50_dir, dasheng_dir, cache_dir, tmp_path):
+    env = {
+        "DASHENG_NOTEBOOK_MODEL": str(dasheng_dir),
+        "DASHENG_NOTEBOOK_DATASET": str(esc50_dir),
+        "DASHENG_NOTEBOOK_OUTPUT": str(tmp_path / "notebook-run"),
+        "DASHENG_NOTEBOOK_CACHE": str(cache_dir),
+    }
+    outputs = run_notebook(env, tmp_path)
     assert not [output for output in outputs if output.get("output_type") == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) >= 3  # mel spectrogram, training curve, confusion matrix
+    assert len(images) >= 4  # mel spectrogram, training curve, confusion matrix, 2-D projection of the embeddings
+    streams = "".join(output.get("text", "") for output in outputs if output.get("output_type") == "stream")
+    assert "ipywidgets" not in streams and "IProgress" not in streams
     assert read_metrics(tmp_path / "notebook-run")["accuracy_mean"] >= 0.5
+
+
+def test_notebook_errors_name_its_own_settings(tmp_path):
+    env = {"DASHENG_NOTEBOOK_DATASET": str(tmp_path / "no-such-esc50"), "DASHENG_NOTEBOOK_OUTPUT": str(tmp_path / "o")}
+    (error,) = [output for output in run_notebook(env, tmp_path) if output.get("output_type") == "error"]
+    assert "DASHENG_NOTEBOOK_DATASET" in error["evalue"] and "--dataset" not in error["evalue"]
+    assert not [line for line in error["traceback"] if "labelled.py" in line]  # its own message, not the library's
 
 
 # ------------------------------------------------------------------------------------ bad inputs (issue 10)
@@ -331,10 +352,14 @@ def test_csv_problems_name_the_row(tiny_dasheng_dir, tmp_path, capsys):
     root = small_esc50(tmp_path / "bom", bom=True)
     main([*arguments, "--dataset", str(root), "--cache-dir", str(tmp_path / "cache")])  # a BOM is fine
     assert read_metrics(tmp_path / "out")["num_clips"] == 40
-    root = small_esc50(tmp_path / "not-int", [("0_george_0.wav", "one", 3)])
-    assert "esc50.csv row 42 (0_george_0.wav): fold 'one' is not an integer" in fails(
+    root = small_esc50(tmp_path / "not-int", [("extra.wav", "one", 3)])
+    (root / "audio" / "extra.wav").symlink_to(fsdd_files()[0])
+    assert "esc50.csv row 42 (extra.wav): fold 'one' is not an integer" in fails(
         [*arguments, "--dataset", str(root)], capsys
     )
+    root = small_esc50(tmp_path / "twice", [("0_george_0.wav", 2, 0)])  # already listed in row 2, fold 1
+    error = fails([*arguments, "--dataset", str(root)], capsys)
+    assert "row 42 (0_george_0.wav): the file is listed twice (also" in error and "row 2 (0_george_0.wav)" in error
     root = small_esc50(tmp_path / "escape", [("../../secret.wav", 1, 3)])
     error = fails([*arguments, "--dataset", str(root)], capsys)
     assert "row 42 (../../secret.wav): the path leads outside" in error
@@ -364,7 +389,7 @@ def test_options_and_output_paths_are_checked_before_any_work(
 def test_a_missing_model_path_is_reported_as_a_missing_path(esc50_dir, tmp_path, capsys):
     for model in (str(tmp_path / "no-such-model"), "runs/some/model", "./model"):
         error = fails(["--model", model, "--dataset", str(esc50_dir), "--output-dir", str(tmp_path / "o")], capsys)
-        assert f"--model {model} does not exist" in error and "repo" not in error.lower()
+        assert f"--model {model!r} does not exist" in error and "repo" not in error.lower()
 
 
 def test_damaged_or_mismatched_cache_says_how_to_clear_it(tiny_dasheng_dir, tmp_path, capsys):
@@ -381,6 +406,12 @@ def test_damaged_or_mismatched_cache_says_how_to_clear_it(tiny_dasheng_dir, tmp_
         np.savez(handle, embeddings=np.zeros((7, 64), np.float32), key=np.array("other"), skipped=np.array("{}"))
     error = fails([*arguments, "--output-dir", str(tmp_path / "o")], capsys)
     assert "does not match this model and dataset" in error and f"rm {path}" in error
+    with path.open("wb") as handle:  # this data's key and clips, but embeddings of another width
+        stored = np.load(io.BytesIO(good))
+        wide = np.zeros((len(stored["embeddings"]), 32), np.float32)
+        np.savez(handle, embeddings=wide, key=stored["key"], skipped=stored["skipped"])
+    error = fails([*arguments, "--output-dir", str(tmp_path / "o")], capsys)
+    assert "holds embeddings 32 wide, but the model gives 64" in error and f"rm {path}" in error
     path.unlink()
     main([*arguments, "--output-dir", str(tmp_path / "o")])
     assert path.read_bytes() == good  # cleared as told: embedded again, the same

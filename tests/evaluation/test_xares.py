@@ -7,9 +7,12 @@ import inspect
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dasheng_hf import DashengModel
+from dasheng_hf.cli.preflight import DashengPreflightError
+from dasheng_hf.evaluation import xares
 from dasheng_hf.evaluation.xares import DashengXaresEncoder
 from helpers import concatenated_fsdd, hf_state_dict, max_abs_diff, tiny_config
 
@@ -29,12 +32,17 @@ def import_xares(name: str):
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory, reference_tiny):
+def model_folder(tmp_path_factory, reference_tiny):
     folder = tmp_path_factory.mktemp("dasheng-xares")
     model = DashengModel(tiny_config())
     model.load_state_dict(hf_state_dict(reference_tiny))
     model.save_pretrained(folder)
-    return DashengXaresEncoder(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoder(model_folder):
+    return DashengXaresEncoder(str(model_folder))
 
 
 def test_passes_the_xares_checker(encoder):
@@ -116,3 +124,69 @@ def test_bad_inputs_are_named(encoder):
         encoder(torch.zeros(2, 16000), torch.ones(2, 8000))
     short = encoder(torch.randn(1, 200))  # under 30 ms: zero-padded to one token
     assert short.shape == (1, 1, 64)
+
+
+def test_the_harness_constructor_can_be_pointed_at_any_model(model_folder, monkeypatch, tmp_path):
+    """X-ARES and xares-llm call DashengXaresEncoder() without arguments: DASHENG_XARES_MODEL or DEFAULT_MODEL."""
+    monkeypatch.setenv("DASHENG_XARES_MODEL", str(model_folder))
+    assert DashengXaresEncoder().output_dim == 64
+    monkeypatch.delenv("DASHENG_XARES_MODEL")
+    monkeypatch.setattr(xares, "DEFAULT_MODEL", str(model_folder))
+    assert DashengXaresEncoder().output_dim == 64
+
+
+def test_loading_errors_are_one_line(monkeypatch, tmp_path):
+    """Offline, the default Hub id is refused at once; a missing folder is a missing path, not a bad repo id."""
+    monkeypatch.delenv("DASHENG_XARES_MODEL", raising=False)
+    with pytest.raises(DashengPreflightError) as offline:
+        DashengXaresEncoder(cache_dir=str(tmp_path))
+    message = str(offline.value)
+    assert "\n" not in message and "'mispeech/dasheng-base'" in message and "HF_HUB_OFFLINE" in message
+    assert "DASHENG_XARES_MODEL" in message
+    for how in ("argument", "variable"):
+        missing = str(tmp_path / "missing")
+        if how == "variable":
+            monkeypatch.setenv("DASHENG_XARES_MODEL", missing)
+        with pytest.raises(DashengPreflightError, match=f"'{missing}' does not exist"):
+            DashengXaresEncoder(missing if how == "argument" else None)
+
+
+def right_padded(lengths: list[int], width: int) -> torch.Tensor:
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.masked_fill(m == 1, 2), "only 0 and 1.*got 2"),
+        (lambda m: -m, "only 0 and 1.*got -1"),
+        (lambda m: m.float() * 0.5, "only 0 and 1.*got 0.5"),
+        (lambda m: torch.where(m == 1, torch.tensor(float("nan")), m.float()), "only 0 and 1.*got nan"),
+        (lambda m: m.index_fill(1, torch.tensor([100]), 0), "clip 0 has 0 before 1"),  # a hole
+        (lambda m: m.flip(1), "clip 1 has 0 before 1"),  # left padding
+        (lambda m: m.index_fill(0, torch.tensor([1]), 0), "marks no real sample in clip 1"),
+    ],
+    ids=["two", "negative", "half", "nan", "hole", "left-padding", "all-zeros"],
+)
+def test_bad_masks_are_refused(encoder, change, match):
+    """Before: each gave wrong token masks without a word (all zeros marked one token valid)."""
+    mask = right_padded([16000, 8000], 16000)
+    with pytest.raises(ValueError, match=match):
+        encoder(torch.randn(2, 16000), change(mask))
+
+
+def test_numpy_and_list_masks_work_like_tensors(encoder):
+    """Before: AttributeError."""
+    audio, mask = torch.randn(2, 16000), right_padded([16000, 8000], 16000)
+    expected, expected_mask = encoder(audio, mask)
+    for other in (mask.numpy(), mask.numpy().astype(np.float32), mask.tolist(), mask.bool().numpy()):
+        features, token_mask = encoder(audio, other)
+        assert torch.equal(features, expected) and torch.equal(token_mask.long(), expected_mask)
+    with pytest.raises(ValueError, match="must match audio"):
+        encoder(audio, [[1, 1], [1, 0]])
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 16000)])
+def test_empty_audio_is_named(encoder, shape):
+    with pytest.raises(ValueError, match="audio is empty"):
+        encoder(torch.zeros(shape))

@@ -1,0 +1,182 @@
+"""`dasheng-embed` on real speech (FSDD, and a long file made of FSDD clips) with a tiny perturbed-random Dasheng."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile
+import torch
+from dasheng_hf import DashengFeatureExtractor, DashengModel
+from dasheng_hf.audio.datasets import decode_audio
+from dasheng_hf.embedding.embed import main
+from helpers import concatenated_fsdd, fsdd_files, hf_state_dict, make_reference_encoder, tiny_config
+
+LONG_SECONDS = 200  # two segments of 161.28 s: the second starts mid-file
+ARGUMENTS = ["--frames", "--layers", "all", "--clips-per-part", "3", "--num-workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return make_reference_encoder(embed_dim=64, depth=2, num_heads=4, seed=5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, reference) -> Path:
+    model = DashengModel(tiny_config())
+    model.load_state_dict(hf_state_dict(reference), strict=True)
+    folder = tmp_path_factory.mktemp("tiny-dasheng")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory) -> Path:
+    """12 FSDD clips, one file that is no audio, and a 200 s file of FSDD speech (last in sorted order)."""
+    folder = tmp_path_factory.mktemp("audio")
+    for path in fsdd_files()[:: len(fsdd_files()) // 12][:12]:
+        (folder / Path(path).name).symlink_to(path)
+    (folder / "broken.wav").write_bytes(os.urandom(3000))
+    soundfile.write(folder / "zz_long.wav", concatenated_fsdd(LONG_SECONDS * 16000).numpy(), 16000, "FLOAT")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, model_dir, audio_dir) -> Path:
+    output = tmp_path_factory.mktemp("embedded") / "out"
+    main([str(audio_dir), "--model", str(model_dir), "--output-dir", str(output), *ARGUMENTS])
+    return output
+
+
+def clip_table(output: Path) -> pd.DataFrame:
+    return pd.read_parquet(output / "clips").sort_values("file", ignore_index=True)
+
+
+def frame_table(output: Path) -> pd.DataFrame:
+    return pd.read_parquet(output / "frames").sort_values(["file", "time"], ignore_index=True)
+
+
+def assert_same_tables(first: pd.DataFrame, second: pd.DataFrame) -> None:
+    assert list(first.columns) == list(second.columns) and len(first) == len(second)
+    for column in first.columns:
+        if first[column].dtype == object and isinstance(first[column][0], np.ndarray):
+            np.testing.assert_array_equal(np.stack(first[column]), np.stack(second[column]), err_msg=column)
+        else:
+            assert first[column].tolist() == second[column].tolist(), column
+
+
+def test_clip_frame_and_layer_outputs_equal_the_model_and_the_original(embedded, model_dir, audio_dir, reference):
+    clips, frames = clip_table(embedded), frame_table(embedded)
+    info = json.loads((embedded / "info.json").read_text())
+    assert info["num_clips"] == 13 and info["num_skipped"] == 1 and "broken.wav" in info["skipped"][0]["file"]
+    assert info["layers"] == [0, 1, 2] and info["frame_rate"] == 25 and len(info["weights_sha256"]) == 64
+    model = DashengModel.from_pretrained(model_dir).eval()
+    extractor = DashengFeatureExtractor.from_pretrained(model_dir)
+    for row in clips.itertuples():
+        waveform = decode_audio(row.file)
+        assert row.duration == pytest.approx(len(waveform) / 16000)
+        with torch.no_grad():
+            outputs = model(**extractor(waveform, sampling_rate=16000, return_tensors="pt"), output_hidden_states=True)
+            original = reference(torch.from_numpy(waveform)[None])
+        tolerance = 1e-5 * (1 + float(outputs.last_hidden_state.abs().max()))
+        np.testing.assert_allclose(row.embedding, outputs.pooler_output[0].numpy(), atol=tolerance)
+        np.testing.assert_allclose(row.embedding, original[0].mean(0).numpy(), atol=1e-4)
+        for layer in range(3):
+            expected = outputs.hidden_states[layer][0].mean(0).numpy()
+            np.testing.assert_allclose(getattr(row, f"layer_{layer}"), expected, atol=tolerance)
+        mine = frames[frames.file == row.file]
+        tokens = outputs.last_hidden_state[0].numpy()
+        assert len(mine) == len(tokens)
+        np.testing.assert_allclose(np.stack(mine.embedding), tokens, atol=tolerance)
+        np.testing.assert_allclose(np.stack(mine.layer_1), outputs.hidden_states[1][0].numpy(), atol=tolerance)
+        np.testing.assert_allclose(mine.time, 0.04 * np.arange(len(tokens)) + 0.015)
+    assert clips.duration.max() == pytest.approx(LONG_SECONDS)
+    assert len(frames[frames.file.str.endswith("zz_long.wav")]) == 25 * LONG_SECONDS
+
+
+def test_parquet_reads_back_with_datasets(embedded):
+    import datasets
+
+    clips = datasets.load_dataset("parquet", data_files=str(embedded / "clips" / "*.parquet"), split="train")
+    assert len(clips) == 13 and {"file", "key", "duration", "embedding", "layer_2"} <= set(clips.column_names)
+    assert len(clips[0]["embedding"]) == 64
+    frames = datasets.load_dataset("parquet", data_files=str(embedded / "frames" / "*.parquet"), split="train")
+    assert len(frames) == len(frame_table(embedded)) and set(frames.column_names) >= {"file", "time", "embedding"}
+
+
+def test_float16_storage_and_a_rerun_with_other_settings_is_refused(model_dir, audio_dir, embedded, tmp_path, capsys):
+    output = tmp_path / "half"
+    main([str(audio_dir), "--model", str(model_dir), "--output-dir", str(output), "--float16", "--num-workers", "0"])
+    half, full = clip_table(output), clip_table(embedded)
+    assert np.stack(half.embedding).dtype == np.float16
+    np.testing.assert_allclose(np.stack(half.embedding), np.stack(full.embedding), rtol=2e-3, atol=2e-3)
+    assert "layer_0" not in half.columns and not (output / "frames").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(audio_dir), "--model", str(model_dir), "--output-dir", str(output), "--layers", "-1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "other settings (dtype, layers differ)" in error and "Traceback" not in error
+
+
+def run_command(command: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_a_resumed_run_after_a_kill_equals_an_uninterrupted_one(model_dir, audio_dir, embedded, tmp_path):
+    output = tmp_path / "killed"
+    command = [sys.executable, "-m", "dasheng_hf.embedding.embed", str(audio_dir), "--model", str(model_dir)]
+    command += ["--output-dir", str(output), *ARGUMENTS]
+    process = run_command(command)
+    deadline = time.monotonic() + 300
+    while not list((output / "parts").glob("part-*.json")) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)  # as soon as the first part is recorded
+    process.communicate()
+    assert not (output / "info.json").exists(), "the run ended before it could be killed"
+    for path in [*output.glob("clips/*.parquet"), *output.glob("frames/*.parquet")]:
+        pd.read_parquet(path)  # a file under its final name is whole
+    resumed = run_command(command)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert not list(output.rglob("*.partial-*"))
+    assert_same_tables(clip_table(output), clip_table(embedded))
+    assert_same_tables(frame_table(output), frame_table(embedded))
+    assert "Embedded 13 clips" in stdout and "skipped 1" in stdout
+
+
+def test_two_processes_write_the_same_set_as_one(model_dir, audio_dir, embedded, tmp_path):
+    output = tmp_path / "two"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += ["-m", "dasheng_hf.embedding.embed", str(audio_dir), "--model", str(model_dir)]
+    command += ["--output-dir", str(output), *ARGUMENTS]
+    stdout, stderr = (process := run_command(command)).communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    info, single = (json.loads((folder / "info.json").read_text()) for folder in (output, embedded))
+    assert info["num_processes"] == 2 and info["clip_files"] == single["clip_files"]
+    assert info["skipped"] == single["skipped"]
+    assert_same_tables(clip_table(output), clip_table(embedded))
+    assert_same_tables(frame_table(output), frame_table(embedded))
+    assert stdout.count("Embedded 13 clips") == 1
+
+
+def test_offline_hub_model_fails_at_once_and_leaves_no_folder(audio_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(audio_dir), "--model", "nobody/no-such-model", "--output-dir", str(output)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nobody/no-such-model" in error and "dasheng-convert" in error
+    assert not output.exists()

@@ -1,0 +1,262 @@
+"""`dasheng-eval` on FSDD in every dataset layout, single- and multi-label, against scikit-learn's metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from dasheng_hf import DashengModel
+from dasheng_hf.evaluation.evaluate import main
+from helpers import fsdd_files, tiny_config
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+DIGITS = "zero one two three four five six seven eight nine".split()
+
+
+def fsdd_subset(takes=range(8), speakers=("george", "jackson")) -> list[Path]:
+    """FSDD clips of the given takes and speakers: `{digit}_{speaker}_{take}.wav`."""
+    return [
+        Path(path)
+        for path in fsdd_files()
+        if Path(path).stem.split("_")[1] in speakers and int(Path(path).stem.split("_")[2]) in takes
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-dasheng")
+    DashengModel(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def evaluate(model_dir, cache_dir, output: Path, *arguments: str) -> dict:
+    main(["--model", str(model_dir), "--cache-dir", str(cache_dir), "--output-dir", str(output), *arguments])
+    return json.loads((output / "metrics.json").read_text())
+
+
+def check_single_label(output: Path, metrics: dict, expected_files: set[str] | None = None) -> pd.DataFrame:
+    """Every fold's accuracy is scikit-learn's on the predictions written; the files are named."""
+    predictions = pd.read_csv(output / "predictions.csv", dtype={"fold": str})
+    assert set(metrics["folds"]) == set(predictions.fold)
+    for fold, rows in predictions.groupby("fold"):
+        expected = sklearn_metrics.accuracy_score(rows.label, rows.prediction)
+        assert metrics["folds"][fold]["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert metrics["accuracy"] == pytest.approx(np.mean([fold["accuracy"] for fold in metrics["folds"].values()]))
+    assert predictions.label_name.astype(str).tolist() == [metrics["label_names"][i] for i in predictions.label]
+    if expected_files is not None:
+        assert {Path(name).name for name in predictions.file} == expected_files
+    assert (output / "confusion_matrix.png").stat().st_size > 1000
+    return predictions
+
+
+def check_multi_label(output: Path, metrics: dict) -> None:
+    """Every fold's mAP is scikit-learn's macro average precision on the scores written (classes with positives)."""
+    predictions = pd.read_csv(output / "predictions.csv", dtype={"fold": str})
+    names = metrics["label_names"]
+    for fold, rows in predictions.groupby("fold"):
+        targets = np.array([[name in labels.split(";") for name in names] for labels in rows["labels"]], dtype=int)
+        scores = rows[[f"score:{name}" for name in names]].to_numpy()
+        present = targets.sum(axis=0) > 0
+        expected = sklearn_metrics.average_precision_score(targets[:, present], scores[:, present], average="macro")
+        assert metrics["folds"][fold]["mAP"] == pytest.approx(expected, abs=1e-9)
+        both = present & (targets.sum(axis=0) < len(targets))
+        auc = sklearn_metrics.roc_auc_score(targets[:, both], scores[:, both], average="macro")
+        assert metrics["folds"][fold]["auc"] == pytest.approx(auc, abs=1e-9)
+    assert metrics["task"] == "multi-label" and np.isfinite(metrics["d_prime"])
+    table = pd.read_csv(output / "per_class_ap.csv")
+    assert list(table["class"]) == names
+
+
+def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_dir, tmp_path):
+    root = tmp_path / "classes"
+    files = fsdd_subset()
+    for path in files:
+        (root / DIGITS[int(path.stem[0])]).mkdir(parents=True, exist_ok=True)
+        (root / DIGITS[int(path.stem[0])] / path.name).symlink_to(path)
+    metrics = evaluate(model_dir, cache_dir, tmp_path / "out", "--dataset", str(root), "--head", "knn")
+    assert metrics["label_names"] == sorted(DIGITS) and metrics["k"] == 10 and metrics["protocol"] == "split"
+    predictions = check_single_label(tmp_path / "out", metrics)
+    assert len(predictions) == 30  # 20 % of each class's 16 clips, rounded: 3 x 10 classes
+    assert metrics["accuracy"] > 0.3  # chance is 0.1
+
+
+def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, capfd):
+    files = fsdd_subset(takes=range(5))
+    table = tmp_path / "list.tsv"
+    rows = [[path, DIGITS[int(path.stem[0])], int(path.stem.split("_")[2]) + 1] for path in files]
+    table.write_text("path\tword\tfold\n" + "".join(f"{p}\t{w}\t{f}\n" for p, w, f in rows))
+    arguments = ["--dataset", str(table), "--file-column", "path", "--label-column", "word", "--fold-column", "fold"]
+    metrics = evaluate(model_dir, cache_dir, tmp_path / "out", *arguments, "--head", "linear", "--epochs", "20")
+    assert list(metrics["folds"]) == ["1", "2", "3", "4", "5"] and metrics["protocol"] == "folds"
+    check_single_label(tmp_path / "out", metrics, {path.name for path in files})
+    output = capfd.readouterr()
+    lines = (output.out + output.err).replace("\r", "\n").splitlines()
+    assert len(lines) < 60, lines  # a 5-fold probe: the result table, not Trainer's per-step logs
+    history = json.loads((tmp_path / "out" / "fold3" / "log_history.json").read_text())
+    assert len([entry for entry in history if "loss" in entry]) == 20  # the per-step logs went to a file
+
+
+def test_csv_with_given_splits_and_an_mlp(model_dir, cache_dir, tmp_path):
+    files = fsdd_subset(takes=range(6))
+    table = tmp_path / "list.csv"
+    split = {0: "train", 1: "train", 2: "train", 3: "train", 4: "validation", 5: "test"}
+    rows = [(path, path.stem[0], split[int(path.stem.split("_")[2])]) for path in files]
+    table.write_text("filename,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows))
+    metrics = evaluate(
+        model_dir, cache_dir, tmp_path / "out", "--dataset", str(table), "--split-column", "split", "--head", "mlp"
+    )
+    predictions = check_single_label(tmp_path / "out", metrics)
+    assert set(predictions.fold) == {"test"} and len(predictions) == 20
+    assert {Path(name).stem.split("_")[2] for name in predictions.file} == {"5"}
+    assert metrics["label_names"] == [str(digit) for digit in range(10)]
+
+
+def test_datasets_dataset_with_class_labels_and_splits(model_dir, cache_dir, tmp_path):
+    import datasets
+
+    features = datasets.Features({"audio": datasets.Audio(), "digit": datasets.ClassLabel(names=DIGITS)})
+
+    def part(takes):
+        files = fsdd_subset(takes=takes)
+        return datasets.Dataset.from_dict(
+            {"audio": [str(path) for path in files], "digit": [int(path.stem[0]) for path in files]}, features=features
+        )
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": part(range(4)), "test": part(range(4, 6))}).save_to_disk(str(folder))
+    metrics = evaluate(
+        model_dir, cache_dir, tmp_path / "out", "--dataset", str(folder), "--label-column", "digit", "--head", "knn"
+    )
+    assert metrics["label_names"] == DIGITS  # ClassLabel names, in their order
+    predictions = check_single_label(tmp_path / "out", metrics)
+    assert len(predictions) == 40 and set(predictions.fold) == {"test"}
+
+
+def test_multi_label_csv_with_separator_joined_labels(model_dir, cache_dir, tmp_path):
+    files = fsdd_subset(takes=range(6))
+    table = tmp_path / "tags.csv"
+    # Two labels per clip: the digit and whether it is odd; folds by take.
+    parity = {path: "odd" if int(path.stem[0]) % 2 else "even" for path in files}
+    rows = [(path, f"{path.stem[0]};{parity[path]}", int(path.stem[-1]) % 3) for path in files]
+    table.write_text("filename,tags,fold\n" + "".join(f"{p},{t},{f}\n" for p, t, f in rows))
+    arguments = ["--dataset", str(table), "--label-column", "tags", "--label-separator", ";", "--fold-column", "fold"]
+    metrics = evaluate(model_dir, cache_dir, tmp_path / "knn", *arguments, "--head", "knn")
+    check_multi_label(tmp_path / "knn", metrics)
+    assert metrics["mAP"] > 0.3
+    metrics = evaluate(model_dir, cache_dir, tmp_path / "linear", *arguments, "--head", "linear", "--epochs", "10")
+    check_multi_label(tmp_path / "linear", metrics)
+
+
+def test_multi_label_finetune_on_a_datasets_list_column(model_dir, tmp_path):
+    import datasets
+
+    files = fsdd_subset(takes=range(3), speakers=("george",))
+    labels = [[path.stem[0], "odd" if int(path.stem[0]) % 2 else "even"] for path in files]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"audio": [str(path) for path in files], "tags": labels}).cast_column(
+        "audio", datasets.Audio()
+    ).save_to_disk(str(folder))
+    output = tmp_path / "out"
+    main(["--model", str(model_dir), "--dataset", str(folder), "--label-column", "tags", "--head", "finetune"] + [
+        "--epochs", "1", "--test-fraction", "0.5", "--output-dir", str(output)
+    ])  # fmt: skip
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["head"] == "finetune" and len(metrics["label_names"]) == 12
+    check_multi_label(output, metrics)
+
+
+def test_embeddings_from_dasheng_embed(model_dir, tmp_path):
+    from dasheng_hf.embedding.embed import main as embed
+
+    files = fsdd_subset(takes=range(4))
+    table = tmp_path / "list.csv"
+    table.write_text("filename,digit,fold\n" + "".join(f"{p},{p.stem[0]},{int(p.stem[-1]) + 1}\n" for p in files))
+    embed([str(table), "--model", str(model_dir), "--output-dir", str(tmp_path / "embedded"), "--num-workers", "0"])
+    arguments = ["--dataset", str(tmp_path / "embedded"), "--label-column", "digit", "--fold-column", "fold"]
+    output = tmp_path / "out"
+    main([*arguments, "--head", "knn", "--output-dir", str(output)])  # no --model: the embeddings say which
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["embedding_seconds"] < 5 and list(metrics["folds"]) == ["1", "2", "3", "4"]
+    check_single_label(output, metrics, {path.name for path in files})
+
+
+def test_a_file_listed_twice_is_one_clear_error(model_dir, tmp_path, capsys):
+    files = fsdd_subset(takes=range(2))
+    table = tmp_path / "list.csv"
+    table.write_text("filename,label\n" + "".join(f"{p},{p.stem[0]}\n" for p in [*files, files[3]]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_dir), "--dataset", str(table), "--head", "knn", "--output-dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert f"row {len(files) + 2} ({files[3]}): the file is listed twice (also" in error and "row 5" in error
+    assert not (tmp_path / "o").exists()
+
+
+def test_offline_hub_resources_are_named_together_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit):
+        main(["--dataset", "someone/sounds", "--head", "knn", "--output-dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert "--model 'mispeech/dasheng-base'" in error and "--dataset 'someone/sounds'" in error
+    assert "dasheng-convert" in error and not (tmp_path / "o").exists()
+
+
+def test_stratified_split_keeps_every_class_on_both_sides():
+    from dasheng_hf.evaluation.embeddings import AudioClips
+    from dasheng_hf.evaluation.protocol import EvalOptions, evaluation_splits
+
+    labels = np.repeat(np.arange(5), 10)
+    clips = AudioClips(None, labels, None, list("abcde"), "x", "x")
+    ((_, train, test),) = evaluation_splits(clips, EvalOptions(test_fraction=0.2, seed=3))
+    assert np.bincount(labels[test]).tolist() == [2] * 5 and not (train & test).any() and (train | test).all()
+    ((_, _, again),) = evaluation_splits(clips, EvalOptions(test_fraction=0.2, seed=3))
+    assert (again == test).all()
+
+
+def test_readme_csv_example_columns(tmp_path):
+    """The CSV reader takes a BOM, quotes and a label with commas in one column."""
+    from dasheng_hf.evaluation.labelled import DatasetColumns, load_labelled_clips
+
+    files = fsdd_subset(takes=range(1))
+    table = tmp_path / "list.csv"
+    with table.open("w", newline="", encoding="utf-8-sig") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", "label"])
+        writer.writerows([[path, f"{path.stem[0]},{'odd' if int(path.stem[0]) % 2 else 'even'}"] for path in files])
+    clips = load_labelled_clips(str(table), DatasetColumns(label_separator=","))
+    assert clips.multi_label and clips.labels.shape == (len(files), 12) and (clips.labels.sum(axis=1) == 2).all()
+
+
+@pytest.mark.parametrize(
+    "module", ["dasheng_hf.evaluation.evaluate", "dasheng_hf.evaluation.linear_probe", "dasheng_hf.embedding.embed"]
+)
+def test_help_is_parsed_before_torch_or_transformers_are_imported(module):
+    """The commands' own modules import torch and transformers only after parsing (the package's light
+    `__init__` is stubbed here, so that only the command's module is measured)."""
+    import subprocess
+    import sys
+
+    import dasheng_hf
+
+    code = (
+        "import importlib, sys, types\n"
+        f"package = types.ModuleType('dasheng_hf'); package.__path__ = [{str(Path(dasheng_hf.__file__).parent)!r}]\n"
+        "sys.modules['dasheng_hf'] = package\n"
+        f"module = importlib.import_module({module!r})\n"
+        "try:\n    module.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'numpy') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--output-dir" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
