@@ -8,5 +8,5 @@ Masked-autoencoder pretraining with Transformers' Trainer (`dasheng-pretrain`).
 - `checkpoints.py`: which checkpoint `last` is (the newest complete one), and the check of every file a resume reads.
 - `encoder_export.py`: the encoder exported as a ready-to-use Hub folder during and after a run.
 
-May import: the Hub files, `audio`, `jobs`, and torch, transformers and the `train` extra.
+May import: the Hub files, `audio`, `cli`, `jobs`, and torch, transformers and the `train` extra.
 """

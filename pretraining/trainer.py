@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, set_seed
 
 from ..audio.datasets import DashengAudioDataset, DashengAudioError, per_process_dataloader
+from ..cli.preflight import DashengPreflightError, HubResource, check_resources, warn_if_bf16_is_emulated
 from ..configuration_dasheng import DashengConfig
 from ..feature_extraction_dasheng import DashengFeatureExtractor
 from ..jobs.interrupts import DashengInterrupted, fault_point, finish_first
@@ -122,25 +123,14 @@ def build_model(model_args: DashengModelArguments) -> tuple[DashengForPreTrainin
 
 
 def _local_or_hub(source: str, flag: str) -> str:
-    """A local folder's path, or a Hub id; a path that names nothing is an error saying so (not a bad Hub id)."""
+    """A local folder's path, or a Hub id that is cached or reachable; else one error saying what is missing."""
     path = Path(source).expanduser()
     if path.exists():
         return str(path)
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or os.sep != "/" and os.sep in source
-    if looks_local:
-        raise DashengPretrainingError(f"{flag} {source}: no such folder.")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(source, "config.json")
-        except Exception:
-            cached = None
-        if not isinstance(cached, str):
-            raise DashengPretrainingError(
-                f"{flag} {source}: not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids downloading it; pass a "
-                f"local folder instead (dasheng-convert makes one from the released checkpoints), or go online."
-            )
+    try:
+        check_resources([HubResource(flag, source)], advice="dasheng-convert makes one from the released checkpoints")
+    except DashengPreflightError as error:
+        raise DashengPretrainingError(str(error)) from None
     return source
 
 
@@ -393,20 +383,9 @@ def check_training_flags(
             break
     if not data_args.eval_data and training_args.eval_strategy != "no":
         raise DashengPretrainingError(f"--eval_strategy {training_args.eval_strategy.value} needs --eval_data.")
-    if training_args.bf16 and not torch.cuda.is_available():
-        _warn_if_bf16_is_emulated()
-
-
-def _warn_if_bf16_is_emulated() -> None:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        logger.warning(
-            "--bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): bf16 is emulated there and "
-            "runs several times slower than float32 (measured 0.14x); leave --bf16 out on this machine."
-        )
+    warning = warn_if_bf16_is_emulated() if training_args.bf16 and not torch.cuda.is_available() else None
+    if warning:
+        logger.warning(warning.removeprefix("warning: "))
 
 
 def _run(

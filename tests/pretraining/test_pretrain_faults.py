@@ -192,7 +192,7 @@ def test_a_missing_optimizer_state_is_accepted_when_asked_for(shards, reference,
         (["--mask_ratio", "nan"], "--mask_ratio must lie strictly between 0 and 1"),
         (["--output_dir", "{file}"], "is a file, not a folder"),
         (["--output_dir", "{file}/under"], "is a file, not a folder"),
-        (["--config_name", "./no/such/folder"], "--config_name ./no/such/folder: no such folder"),
+        (["--config_name", "./no/such/folder"], "--config_name './no/such/folder' does not exist (no such file"),
         (["--config_name", "dasheng-base", "--model_name_or_path", "./missing"], "either --model_name_or_path"),
     ],
 )
@@ -221,7 +221,7 @@ def test_continuing_from_an_encoder_says_once_that_the_decoder_starts_fresh(shar
     with pytest.raises(SystemExit):
         main([*args(shards, tmp_path / "o2"), "--config_name", "", "--model_name_or_path", "mispeech/dasheng-base"])
     line = error_line(capsys)
-    assert "not in the local Hub cache" in line and "pass a local folder" in line and "Pass a Hub id" not in line
+    assert "not in the local Hugging Face cache" in line and "pass a local folder" in line and "Hub id" not in line
 
 
 def test_help_lists_dashengs_flags_first_then_the_common_trainer_flags(capsys):
