@@ -90,6 +90,8 @@ def test_interrupted_publication_leaves_the_old_or_the_new_complete_set(sets, tm
                 assert "no new shard was published" in text and left == old
             outcome = "old set"
         outcomes.append((name, point, outcome))
+        if outcome == "new set":
+            continue  # nothing left for a second run to finish or clean (the SIGKILL and earlier cases check that)
         # The second run on the same folder: it finishes or cleans up what the first left, then writes the new set.
         second = start(MODULE, command(sets, output), tmp_path / f"second{number}.log")
         assert second.finish() == 0, second.text()
