@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["SIGNALS", "FaultRun", "start"]
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["dasheng_hf.audio.make_shards", "dasheng_hf.pretraining.pretrain"])
+_CONTEXT.set_forkserver_preload(["dasheng_hf.audio.make_shards", "dasheng_hf.pretraining.trainer"])
 
 
 def _run(module: str, argv: list[str], log: str, environment: dict[str, str]) -> None:

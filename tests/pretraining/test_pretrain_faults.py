@@ -194,6 +194,7 @@ def test_a_missing_optimizer_state_is_accepted_when_asked_for(shards, reference,
         (["--output_dir", "{file}/under"], "is a file, not a folder"),
         (["--config_name", "./no/such/folder"], "--config_name './no/such/folder' does not exist (no such file"),
         (["--config_name", "dasheng-base", "--model_name_or_path", "./missing"], "either --model_name_or_path"),
+        (["--config_name", "", "--model_name_or_path", "./missing"], "'./missing' does not exist (no such file"),
     ],
 )
 def test_every_flag_is_checked_before_work_with_one_line(flags, expected, shards, tmp_path, capsys):
@@ -260,3 +261,20 @@ def test_the_help_path_imports_neither_torch_nor_transformers(module):
                 f"{module} imports {node.module} at the top"
             )
     assert not heavy & {"torch", "transformers", "numpy"}, heavy
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_in_one_line(shards, tmp_path, caplog):
+    from dasheng_hf.cli.preflight import cpu_has_native_bf16
+    from dasheng_hf.pretraining.arguments import DashengDataArguments, DashengModelArguments
+    from dasheng_hf.pretraining.trainer import check_training_flags
+    from dasheng_hf.pretraining.training_arguments import DashengPretrainingArguments, DashengPretrainingParser
+
+    parser = DashengPretrainingParser((DashengModelArguments, DashengDataArguments, DashengPretrainingArguments))
+    parsed = parser.parse_args_into_dataclasses([*args(shards, tmp_path / "out"), "--bf16", "true", "--use_cpu"])
+    with caplog.at_level(logging.WARNING, logger="dasheng_hf"):
+        check_training_flags(*parsed)
+    warned = [record.message for record in caplog.records if "bf16" in record.message]
+    if cpu_has_native_bf16() is False and not torch.cuda.is_available():
+        assert len(warned) == 1 and "emulated" in warned[0] and "\n" not in warned[0]
+    else:
+        assert warned == []
