@@ -20,6 +20,12 @@ __all__ = ["check_checkpoint", "complete_checkpoints", "resume_checkpoint"]
 logger = logging.getLogger("dasheng_hf.pretraining")
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "pytorch_model_fsdp*", "global_step*")
+
+
+def _sharded(folder: Path) -> bool:
+    """Whether the checkpoint was written by DeepSpeed or FSDP, or in shards (checked by what reads it)."""
+    return any(any(folder.glob(pattern)) for pattern in _SHARDED)
 
 
 def _state_problem(folder: Path) -> str | None:
@@ -33,7 +39,7 @@ def _state_problem(folder: Path) -> str | None:
         return f"its trainer_state.json is unreadable ({type(error).__name__}: {error})"
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return "its trainer_state.json holds no global_step"
-    if not any((folder / name).is_file() for name in _WEIGHTS):
+    if not any((folder / name).is_file() for name in _WEIGHTS) and not _sharded(folder):
         return f"it has no model weights ({' or '.join(_WEIGHTS)})"
     return None
 
@@ -102,6 +108,8 @@ def check_checkpoint(folder: str, model: Any, allow_missing_optimizer_state: boo
     [`DashengPretrainingError`] naming the file and the problem.
     """
     root = Path(folder)
+    if _sharded(root):  # DeepSpeed, FSDP or sharded weights: their own loaders check them
+        return
     weights = next(root / name for name in _WEIGHTS if (root / name).is_file())
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     try:
