@@ -189,7 +189,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
     pending: dict[int, list[tuple[dict[str, Any], Any]]] = {}
     total = sum(part.num_clips or 0 for part in mine) if all(part.num_clips for part in mine) else None
     bar = tqdm(total=total, unit="clip", desc="Embedding", disable=rank != 0, dynamic_ncols=True)
-    seconds, skipped = 0.0, 0
+    seconds = 0.0
     loop_started = time.perf_counter()
 
     def flush(number: int) -> None:
@@ -212,7 +212,6 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
         bar.update(1)
         if item["kind"] == "skipped":
             writer.skip(item)
-            skipped += 1
             if arguments.verbose:
                 bar.write(f"skipped {item['reason']}")
             continue
@@ -224,7 +223,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
                 queue = pending.setdefault(number, [])
             queue.append((clip, segment))
         seconds += item["duration"]
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - loop_started
         bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {seconds / 3600 / elapsed:.3g} audio-h/s", refresh=False)
     bar.close()
     loop_seconds = time.perf_counter() - loop_started
@@ -248,7 +247,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
         print(
             f"Embedded {info['num_clips']} clips ({hours:.3f} h of audio) in {time.perf_counter() - started:.1f} s; "
             f"skipped {info['num_skipped']}"
-            + (f" (named in {output_dir / 'info.json'})" if skipped else "")
+            + (f" (named in {output_dir / 'info.json'})" if info["num_skipped"] else "")
             + f". Written to {output_dir}.",
             flush=True,
         )
