@@ -144,8 +144,10 @@ def main() -> None:
             common += ["--batch-seconds", str(batch_seconds)]
             if arguments.device:
                 common += ["--device", device]
+            # The bare forward right before and right after the command, averaged: the load of a shared machine drifts.
+            before = bare_forward_seconds(model, batches, bf16, device)
             info, _ = run_embed([str(root / "audio"), "--output-dir", str(root / f"out-{bf16}"), *common])
-            forward = bare_forward_seconds(model, batches, bf16, device)
+            forward = (before + bare_forward_seconds(model, batches, bf16, device)) / 2
             embed_rate = info["audio_hours"] / info["embedding_seconds"]
             bare_rate = seconds / 3600 / forward
             name = "bfloat16" if bf16 else "float32"
