@@ -18,6 +18,9 @@ torchaudio's default; [`resample`] equals torchaudio computed in float64 to abou
 nothing raises [`DashengAudioError`] when the dataset is built; an unreadable, empty, non-finite or too short file is
 skipped with a warning that names it and counted in `num_skipped`.
 
+[`audio_parts`] cuts sources into [`DashengAudioPart`]s, runs of consecutive clips read in order (each tar shard one
+part), for tools that write one output file per part and resume by part (`dasheng-embed`).
+
 [`DashengAudioDataset`] streams training crops and splits them over processes and dataloader workers ("consumers",
 `world_size x num_workers`, consumer `rank * num_workers + worker_id`): shards (or files) are dealt out whole when
 there are at least as many as consumers; with fewer, every consumer reads every shard and keeps every n-th sample

@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=12, help="Blocks of the base-width model (default 12).")
     parser.add_argument("--workers", type=int, default=2, help="Dataloader workers of dasheng-embed (default 2).")
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--batch-seconds", type=float, help="Audio per batch, both sides (default 60 CPU, 320 GPU).")
     parser.add_argument("--skip-hour", action="store_true", help="Leave out the 1 h memory measurement.")
     arguments = parser.parse_args()
 
@@ -130,7 +131,8 @@ def main() -> None:
         (root / "audio").mkdir()
         for path in files:
             (root / "audio" / path.name).symlink_to(path.resolve())
-        batches, seconds = feature_batches(files, 1000, 320.0)
+        batch_seconds = arguments.batch_seconds or (60.0 if device == "cpu" else 320.0)
+        batches, seconds = feature_batches(files, 1000, batch_seconds)
         hours = seconds / 3600
         print(f"{len(files)} files, {hours:.4f} h of audio, {len(batches)} batches; model depth {arguments.depth}")
         model = model.to(device)
@@ -139,10 +141,13 @@ def main() -> None:
         for bf16 in (False, True):
             flags = ["--bf16"] if bf16 else []
             common = ["--model", str(root / "model"), "--num-workers", str(arguments.workers), *flags]
+            common += ["--batch-seconds", str(batch_seconds)]
             if arguments.device:
                 common += ["--device", device]
+            # The bare forward right before and right after the command, averaged: the load of a shared machine drifts.
+            before = bare_forward_seconds(model, batches, bf16, device)
             info, _ = run_embed([str(root / "audio"), "--output-dir", str(root / f"out-{bf16}"), *common])
-            forward = bare_forward_seconds(model, batches, bf16, device)
+            forward = (before + bare_forward_seconds(model, batches, bf16, device)) / 2
             embed_rate = info["audio_hours"] / info["embedding_seconds"]
             bare_rate = seconds / 3600 / forward
             name = "bfloat16" if bf16 else "float32"

@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--float16", action="store_true", help="Store embeddings as float16 (half the size).")
     parser.add_argument("--bf16", action="store_true", help="Compute in bfloat16 (fast on GPUs and CPUs with bf16).")
     parser.add_argument("--num-workers", type=int, default=2, help="Dataloader workers decoding audio (default 2).")
-    parser.add_argument("--batch-seconds", type=float, default=320.0, help="Audio per model batch (default 320).")
+    parser.add_argument(
+        "--batch-seconds", type=float, help="Audio per model batch (default 320 on a GPU, 60 on the CPU)."
+    )
     parser.add_argument("--clips-per-part", type=int, default=1000, help="Clips per Parquet part (default 1000).")
     parser.add_argument("--audio-column", default="audio", help="Audio column of a datasets source.")
     parser.add_argument("--split", default="train", help="Split of a datasets source (default train).")
@@ -77,7 +79,9 @@ def _check(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
     if arguments.num_workers < 0:
         parser.error("--num-workers must be 0 or more.")
-    if not (arguments.batch_seconds > 0 and math.isfinite(arguments.batch_seconds)):
+    if arguments.batch_seconds is not None and not (
+        arguments.batch_seconds > 0 and math.isfinite(arguments.batch_seconds)
+    ):
         parser.error("--batch-seconds must be a positive number.")
     if arguments.clips_per_part < 1:
         parser.error("--clips-per-part must be at least 1.")
@@ -179,12 +183,13 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
     embedder = DashengEmbedder(model, layers, arguments.frames, arguments.bf16, device)
     stream = DashengFeatureStream(mine, feature_extractor, model.config.chunk_num_tokens * 4)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(arguments.num_workers, len(mine)))
-    budget = arguments.batch_seconds * 100  # frames
+    batch_seconds = arguments.batch_seconds or (60.0 if torch.device(device).type == "cpu" else 320.0)
+    budget = batch_seconds * 100  # frames: small batches on a CPU start the model early, overlapped with decoding
     writers: dict[int, PartWriter] = {}
     pending: dict[int, list[tuple[dict[str, Any], Any]]] = {}
     total = sum(part.num_clips or 0 for part in mine) if all(part.num_clips for part in mine) else None
     bar = tqdm(total=total, unit="clip", desc="Embedding", disable=rank != 0, dynamic_ncols=True)
-    seconds, skipped = 0.0, 0
+    seconds = 0.0
     loop_started = time.perf_counter()
 
     def flush(number: int) -> None:
@@ -207,7 +212,6 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
         bar.update(1)
         if item["kind"] == "skipped":
             writer.skip(item)
-            skipped += 1
             if arguments.verbose:
                 bar.write(f"skipped {item['reason']}")
             continue
@@ -219,7 +223,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
                 queue = pending.setdefault(number, [])
             queue.append((clip, segment))
         seconds += item["duration"]
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - loop_started
         bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {seconds / 3600 / elapsed:.3g} audio-h/s", refresh=False)
     bar.close()
     loop_seconds = time.perf_counter() - loop_started
@@ -243,7 +247,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
         print(
             f"Embedded {info['num_clips']} clips ({hours:.3f} h of audio) in {time.perf_counter() - started:.1f} s; "
             f"skipped {info['num_skipped']}"
-            + (f" (named in {output_dir / 'info.json'})" if skipped else "")
+            + (f" (named in {output_dir / 'info.json'})" if info["num_skipped"] else "")
             + f". Written to {output_dir}.",
             flush=True,
         )

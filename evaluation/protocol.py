@@ -32,6 +32,7 @@ __all__ = [
     "check_output_folder",
     "default_cache_dir",
     "evaluation_splits",
+    "resolve_protocol",
     "run_evaluation",
 ]
 
@@ -121,11 +122,17 @@ def _stratified_test(labels: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return test
 
 
+def resolve_protocol(clips: AudioClips, options: EvalOptions) -> str:
+    """`options.protocol`, or with `auto` the one the data has: splits, else folds, else a stratified split."""
+    if options.protocol != "auto":
+        return options.protocol
+    return "splits" if clips.splits is not None else "folds" if clips.folds is not None else "stratified"
+
+
 def evaluation_splits(clips: AudioClips, options: EvalOptions) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """`(name, train mask, test mask)` per evaluation: one per held-out fold, or one for a train/test split."""
-    protocol = options.protocol
-    if protocol == "auto":
-        protocol = "splits" if clips.splits is not None else "folds" if clips.folds is not None else "stratified"
+    """`(name, train mask, test mask)` per evaluation: one per held-out fold, or one for a train/test split (the
+    validation clips of given splits are left out)."""
+    protocol = resolve_protocol(clips, options)
     if protocol == "splits":
         if clips.splits is None:
             raise LinearProbeError(f"{clips.source} has no splits: pass --split-column, or --protocol stratified.")
@@ -143,6 +150,14 @@ def evaluation_splits(clips: AudioClips, options: EvalOptions) -> list[tuple[str
     if len(available) < 2:
         raise LinearProbeError(f"{clips.source} has a single fold {available}; cross-validation needs two or more.")
     return [(str(fold), clips.folds != fold, clips.folds == fold) for fold in folds]
+
+
+def _embedding_model(folder: str) -> str:
+    """The model a `dasheng-embed` output folder was made with."""
+    import json
+
+    info = json.loads((Path(folder) / "info.json").read_text())
+    return f"{info.get('model')} (embeddings in {folder}, weights sha256 {str(info.get('weights_sha256'))[:12]})"
 
 
 def _usable_clips(clips: AudioClips, progress: bool) -> dict[int, str]:
@@ -286,9 +301,9 @@ def run_evaluation(
     metrics |= {
         "task": "multi-label" if clips.multi_label else "single-label",
         "head": options.head,
-        "protocol": "folds" if clips.folds is not None and len(splits) > 1 else "split",
+        "protocol": resolve_protocol(clips, options),
         "folds": folds,
-        "model": options.model if clips.embeddings is None else f"embeddings of {clips.source}",
+        "model": options.model if clips.embeddings is None else _embedding_model(clips.source),
         "dataset": options.dataset or clips.source,
         "num_clips": len(clips),
         "num_skipped": len(skipped),

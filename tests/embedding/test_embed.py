@@ -180,3 +180,34 @@ def test_offline_hub_model_fails_at_once_and_leaves_no_folder(audio_dir, tmp_pat
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "nobody/no-such-model" in error and "dasheng-convert" in error
     assert not output.exists()
+
+
+def test_tar_shards_and_datasets_sources_carry_their_labels(model_dir, tmp_path):
+    """A webdataset shard (audio + .json per key) and a saved `datasets` dataset, embedded in one run."""
+    import io
+    import tarfile
+
+    import datasets
+
+    files = [Path(path) for path in fsdd_files()[:4]]
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for path in files[:2]:
+            for name, data in ((f"{path.stem}.wav", path.read_bytes()), (f"{path.stem}.json", b'{"digit": 7}')):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    saved = tmp_path / "saved"
+    features = datasets.Features({"audio": datasets.Audio(), "digit": datasets.ClassLabel(names=list("0123456789"))})
+    table = {"audio": [str(path) for path in files[2:]], "digit": [int(path.stem[0]) for path in files[2:]]}
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(saved))
+    output = tmp_path / "out"
+    main([str(shard), str(saved), "--model", str(model_dir), "--output-dir", str(output), "--num-workers", "2"])
+    clips = pd.read_parquet(output / "clips")
+    assert clips.key.tolist() == [path.stem for path in files[:2]] + [path.name for path in files[2:]]
+    assert clips.digit.tolist() == ["7", "7", files[2].stem[0], files[3].stem[0]]
+    model = DashengModel.from_pretrained(model_dir).eval()
+    extractor = DashengFeatureExtractor.from_pretrained(model_dir)
+    with torch.no_grad():
+        expected = model(**extractor(decode_audio(files[0]), sampling_rate=16000, return_tensors="pt")).pooler_output
+    np.testing.assert_allclose(clips.embedding[0], expected[0].numpy(), atol=1e-5)

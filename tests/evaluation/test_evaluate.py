@@ -85,7 +85,7 @@ def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_d
         (root / DIGITS[int(path.stem[0])]).mkdir(parents=True, exist_ok=True)
         (root / DIGITS[int(path.stem[0])] / path.name).symlink_to(path)
     metrics = evaluate(model_dir, cache_dir, tmp_path / "out", "--dataset", str(root), "--head", "knn")
-    assert metrics["label_names"] == sorted(DIGITS) and metrics["k"] == 10 and metrics["protocol"] == "split"
+    assert metrics["label_names"] == sorted(DIGITS) and metrics["k"] == 10 and metrics["protocol"] == "stratified"
     predictions = check_single_label(tmp_path / "out", metrics)
     assert len(predictions) == 30  # 20 % of each class's 16 clips, rounded: 3 x 10 classes
     assert metrics["accuracy"] > 0.3  # chance is 0.1
@@ -188,6 +188,7 @@ def test_embeddings_from_dasheng_embed(model_dir, tmp_path):
     main([*arguments, "--head", "knn", "--output-dir", str(output)])  # no --model: the embeddings say which
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["embedding_seconds"] < 5 and list(metrics["folds"]) == ["1", "2", "3", "4"]
+    assert metrics["model"].startswith(f"{model_dir} (embeddings in")
     check_single_label(output, metrics, {path.name for path in files})
 
 
