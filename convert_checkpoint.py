@@ -334,8 +334,7 @@ def convert(
         provenance = _describe_source(checkpoint, source, sha256)
         if released is None:
             print("Not one of the released checkpoints (by its checksum): the model card describes this conversion.")
-        staged = (loaded, output, verify, overwrite, dtypes[dtype], repo_id, released, provenance)
-        _stage_and_claim(*staged, guard)
+        _stage_and_claim(loaded, output, verify, overwrite, dtypes[dtype], repo_id, released, provenance, guard)
     print(f"Wrote {output}: {', '.join(sorted(path.name for path in output.iterdir()))}")
     if push_to_hub:
         _push_to_hub(output, push_to_hub)
