@@ -43,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Fail before any heavy work: a missing model folder, an output folder in the way."""
+    """Fail before any heavy work: an output folder in the way, a missing model folder or uncached Hub id offline."""
     from ..cli.preflight import HubResource, check_resources
 
-    check_resources([HubResource("MODEL", args.model)])  # a missing folder, or a Hub id not cached when offline
-    model = Path(args.model).expanduser()
-    if model.exists() and not (model / "config.json").is_file():
-        raise ValueError(f"MODEL folder {model} has no config.json: pass a folder saved with save_pretrained.")
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output-dir {output} exists and is not a folder.")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise ValueError(f"--output-dir {output} is not empty: pass --overwrite to replace it.")
+    check_resources([HubResource("MODEL", args.model)])
+    model = Path(args.model).expanduser()
+    if model.exists() and not (model / "config.json").is_file():
+        raise ValueError(f"MODEL folder {model} has no config.json: pass a folder saved with save_pretrained.")
 
 
 def _load_model(source: str) -> Any:

@@ -243,9 +243,11 @@ def test_command_line_errors_are_one_line_and_leave_no_folder(tmp_path, capsys):
     (tmp_path / "saved").mkdir()
     assert main([str(tmp_path / "saved"), "--output-dir", str(output)]) == 1
     assert "no config.json" in capsys.readouterr().err
+    assert main(["some-owner/not-cached", "--output-dir", str(output)]) == 1  # offline: HF_HUB_OFFLINE=1
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err and not output.exists()
     output.mkdir()
     (output / "keep.txt").write_text("x")
-    assert main(["some/model", "--output-dir", str(output)]) == 1
+    assert main([str(tmp_path / "saved"), "--output-dir", str(output)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (output / "keep.txt").read_text() == "x"
     with pytest.raises(SystemExit) as exit_info:
