@@ -152,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
         export_folder(model, staging, args.model, args.quantize, pt2=not args.no_pt2)
-        if output.exists():
-            shutil.rmtree(output)
+        old = output.with_name(f".{output.name}.old") if output.exists() else None
+        if old is not None:  # the old folder stays whole until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            output.rename(old)
         staging.rename(output)
         staging = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:
         print("dasheng-export: interrupted; the output folder is unchanged.", file=sys.stderr)
         return 130
