@@ -3,6 +3,8 @@
 Every block of Dasheng (the encoder's, and the pretraining decoder's) reads tokens packed back to back, padding
 removed: `DashengPackedSequences` says where each sequence (a chunk of a clip) lies, `DashengSelfAttention` attends
 within each sequence through Transformers' attention interface, and `run_blocks` runs a stack of `DashengLayer`s.
+Under `torch.export` and ONNX export, where no shape may depend on the data, `encode_in_fixed_chunks` uses fixed-size
+chunks with a key-padding mask instead (`DashengChunkedSequences`), which computes the same outputs.
 """
 
 from __future__ import annotations

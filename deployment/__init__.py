@@ -10,6 +10,6 @@ Modules:
   `DashengNumpyFrontEnd`, the log-mel recipe in numpy; self-contained (copied into each export folder as
   `dasheng_onnx.py`).
 
-May import: the Hub code files (configuration, feature extraction, modeling), torch, numpy, onnx, onnxruntime,
-onnxscript; `runtime.py` imports numpy and onnxruntime only (no torch, nothing of this package).
+May import: the Hub code files (configuration, feature extraction, modeling), `cli`, torch, numpy, onnx,
+onnxruntime, onnxscript; `runtime.py` imports numpy and onnxruntime only (no torch, nothing of this package).
 """

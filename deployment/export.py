@@ -43,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Fail before any heavy work: a missing model folder, an output folder in the way."""
+    """Fail before any heavy work: an output folder in the way, a missing model folder or uncached Hub id offline."""
     from ..cli.preflight import HubResource, check_resources
 
-    check_resources([HubResource("MODEL", args.model)])  # a missing folder, or a Hub id not cached when offline
-    model = Path(args.model).expanduser()
-    if model.exists() and not (model / "config.json").is_file():
-        raise ValueError(f"MODEL folder {model} has no config.json: pass a folder saved with save_pretrained.")
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output-dir {output} exists and is not a folder.")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise ValueError(f"--output-dir {output} is not empty: pass --overwrite to replace it.")
+    check_resources([HubResource("MODEL", args.model)])
+    model = Path(args.model).expanduser()
+    if model.exists() and not (model / "config.json").is_file():
+        raise ValueError(f"MODEL folder {model} has no config.json: pass a folder saved with save_pretrained.")
 
 
 def _load_model(source: str) -> Any:
@@ -152,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
         export_folder(model, staging, args.model, args.quantize, pt2=not args.no_pt2)
-        if output.exists():
-            shutil.rmtree(output)
+        old = output.with_name(f".{output.name}.old") if output.exists() else None
+        if old is not None:  # the old folder stays whole until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            output.rename(old)
         staging.rename(output)
         staging = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except KeyboardInterrupt:
         print("dasheng-export: interrupted; the output folder is unchanged.", file=sys.stderr)
         return 130

@@ -243,9 +243,11 @@ def test_command_line_errors_are_one_line_and_leave_no_folder(tmp_path, capsys):
     (tmp_path / "saved").mkdir()
     assert main([str(tmp_path / "saved"), "--output-dir", str(output)]) == 1
     assert "no config.json" in capsys.readouterr().err
+    assert main(["some-owner/not-cached", "--output-dir", str(output)]) == 1  # offline: HF_HUB_OFFLINE=1
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err and not output.exists()
     output.mkdir()
     (output / "keep.txt").write_text("x")
-    assert main(["some/model", "--output-dir", str(output)]) == 1
+    assert main([str(tmp_path / "saved"), "--output-dir", str(output)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (output / "keep.txt").read_text() == "x"
     with pytest.raises(SystemExit) as exit_info:
@@ -265,3 +267,14 @@ def test_console_script():
         pytest.skip("dasheng-export is not on PATH here (the package is installed from another checkout)")
     result = subprocess.run(["dasheng-export", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--output-dir" in result.stdout
+
+
+def test_overwrite_replaces_the_folder_whole(tmp_path):
+    DashengModel(tiny_config()).save_pretrained(tmp_path / "saved")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("x")
+    assert main([str(tmp_path / "saved"), "--output-dir", str(output), "--overwrite", "--no-pt2"]) == 0
+    assert (output / "model.onnx").is_file() and not (output / "model.pt2").exists()
+    assert not (output / "old.txt").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "saved"]  # no staging or backup folder left

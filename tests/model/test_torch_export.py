@@ -1,4 +1,4 @@
-"""torch.export with a frame mask and dynamic batch and frames (issue 15, defect 4): the exported program equals eager."""
+"""torch.export with a frame mask, dynamic batch and frames (issue 15, defect 4): the program equals eager."""
 
 from __future__ import annotations
 
