@@ -34,6 +34,8 @@ from .feature_extraction_dasheng import DashengFeatureExtractor
 from .modeling_dasheng_layers import (
     DashengLayer,
     DashengPackedSequences,
+    DashengPatchEmbeddings,
+    DashengSpectrogramBatchNorm,
     eager_attention_forward,
     encode_in_fixed_chunks,
     is_exporting,
@@ -81,64 +83,6 @@ class DashengModelOutput(BaseModelOutputWithPooling):
 
     logits: torch.FloatTensor | None = None
     loss: torch.FloatTensor | None = None
-
-
-class DashengSpectrogramBatchNorm(nn.BatchNorm2d):
-    """BatchNorm over mel bins of `(batch, mel bins, 1, frames)` that uses its running statistics by default."""
-
-    def __init__(self, config: DashengConfig):
-        super().__init__(config.num_mel_bins, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
-        self.use_batch_statistics = config.use_batch_statistics
-
-    def forward(self, spectrogram: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`frame_mask` `(batch, frames)`, True for real frames: padded frames never enter batch statistics."""
-        if self.training and self.use_batch_statistics and self.weight.requires_grad:
-            # The original's training behaviour: normalise by, and update, batch statistics (not when frozen).
-            if frame_mask is None or bool(frame_mask.all()):
-                return super().forward(spectrogram.to(self.weight.dtype))
-            return self._normalise_by_real_frames(spectrogram.to(self.weight.dtype), frame_mask)
-        # Running statistics, in float32 whatever the weights' dtype: dB values span about 120 dB.
-        return F.batch_norm(
-            spectrogram.float(),
-            self.running_mean.float(),
-            self.running_var.float(),
-            self.weight.float(),
-            self.bias.float(),
-            training=False,
-            eps=self.eps,
-        )
-
-    def _normalise_by_real_frames(self, spectrogram: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """
-        BatchNorm2d's training step with mean and variance over the real frames only, computed in float32 whatever
-        the weights' dtype (sums over many frames overflow float16); the output has the weights' dtype.
-        """
-        real = frame_mask[:, None, None, :].float()
-        count = real.sum()
-        mean = (spectrogram.float() * real).sum(dim=(0, 2, 3)) / count
-        centred = spectrogram.float() - mean[None, :, None, None]
-        variance = (centred.square() * real).sum(dim=(0, 2, 3)) / count
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            unbiased = variance * count / (count - 1).clamp(min=1)
-            self.running_mean.copy_(self.running_mean.float().lerp(mean, factor))
-            self.running_var.copy_(self.running_var.float().lerp(unbiased, factor))
-        scale = self.weight.float() * torch.rsqrt(variance + self.eps)
-        normalised = centred * scale[None, :, None, None] + self.bias.float()[None, :, None, None]
-        return normalised.to(self.weight.dtype)
-
-
-class DashengPatchEmbeddings(nn.Module):
-    """Cuts a normalised spectrogram `(batch, mel bins, frames)` into tokens `(batch, num_tokens, hidden_size)`."""
-
-    def __init__(self, config: DashengConfig):
-        super().__init__()
-        self.proj = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_stride)
-
-    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
-        patches = self.proj(spectrogram.unsqueeze(1).to(self.proj.weight.dtype))  # (batch, hidden, 1, tokens)
-        return patches.squeeze(2).transpose(1, 2).contiguous()
 
 
 class DashengEncoder(nn.Module):

@@ -255,7 +255,7 @@ def test_batch_statistics_come_from_real_frames(mae_pair):
 
 def test_batch_statistics_of_a_float16_model_are_finite():
     """A model cast to float16 still sums over many frames in float32: finite outputs and running statistics."""
-    from dasheng_hf.modeling_dasheng import DashengSpectrogramBatchNorm
+    from dasheng_hf.modeling_dasheng_layers import DashengSpectrogramBatchNorm
 
     config = pretraining_config(use_batch_statistics=True)
     spectrogram = torch.randn(4, 64, 1, 1001, generator=torch.Generator().manual_seed(0)) * 10 - 50
