@@ -18,6 +18,8 @@ from dasheng_hf import DashengConfig, DashengFeatureExtractor
 from transformers import BatchFeature
 
 __all__ = [
+    "CHUNK_TOKENS",
+    "FRAMES_PER_TOKEN",
     "LAYOUTS",
     "DashengFeatureExtractionTester",
     "DashengModelTester",
