@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         DashengModel,
         DashengModelOutput,
         DashengPreTrainedModel,
+        DashengWeightShapeError,
     )
     from .modeling_dasheng_pretraining import DashengForPreTraining, DashengForPreTrainingOutput
 
@@ -43,6 +44,7 @@ _EXPORTS = {
     "DashengModel": "modeling_dasheng",
     "DashengModelOutput": "modeling_dasheng",
     "DashengPreTrainedModel": "modeling_dasheng",
+    "DashengWeightShapeError": "modeling_dasheng",
 }
 __all__ = [
     "DASHENG_PRESETS",
@@ -55,6 +57,7 @@ __all__ = [
     "DashengModel",
     "DashengModelOutput",
     "DashengPreTrainedModel",
+    "DashengWeightShapeError",
     "register_auto_classes",
 ]
 
