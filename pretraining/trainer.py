@@ -336,6 +336,9 @@ def run(
     finally:
         if lock is not None:
             lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Gloo's threads are joined here, not in the interpreter's teardown (which aborted a rank at exit).
+            torch.distributed.destroy_process_group()
 
 
 def _remove_if_unused(output_dir: Path, created: bool, lock: DashengOutputLock | None) -> None:
