@@ -118,7 +118,10 @@ def check_resources(
         elif _cached(reference, resource.kind, cache_dir):
             continue
         elif _offline():
-            problems[resource] = "is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (no downloads)"
+            problems[resource] = (
+                "is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (no downloads); nor is it a "
+                "local path"
+            )
         else:
             remote.append(resource)
     if remote:
@@ -126,6 +129,8 @@ def check_resources(
     if not problems:
         return
     listed = "; ".join(f"{r.flag} {r.reference!r} {problem}" for r, problem in problems.items())
+    if all(problem.startswith("does not exist") for problem in problems.values()):
+        raise DashengPreflightError(f"{listed}.")
     fix = "pass a local folder or file instead" + (f" ({advice})" if advice else "")
     raise DashengPreflightError(f"{listed}. To run without the Hub, {fix}.")
 
@@ -170,7 +175,12 @@ def new_output_folder(path: str | os.PathLike, remove_partial: bool = True) -> I
     """
     folder = Path(path)
     existed = folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DashengPreflightError(
+            f"cannot create the output folder {str(folder)!r}: {error.strerror or error}; pass a writable path."
+        ) from None
     try:
         yield folder
     except BaseException:

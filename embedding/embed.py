@@ -122,13 +122,18 @@ def _load_model(name: str) -> Any:
         config = PretrainedConfig.get_config_dict(source)[0]
     except OSError as error:
         raise DashengPreflightError(f"--model {name}: cannot read its config.json ({error}).") from error
+    if not config:
+        raise DashengPreflightError(f"--model {name} holds no config.json: pass a folder saved by save_pretrained.")
     if config.get("model_type") != "dasheng" and "encoder_kwargs" not in config:
         raise DashengPreflightError(
             f"--model {name} is a {config.get('model_type')!r} model; dasheng-embed embeds with Dasheng models "
             f"(dasheng-eval compares other encoders)."
         )
     logging.disable_progress_bar()  # one progress bar on the console: the embedding's
-    model = DashengModel.from_pretrained(source)
+    try:
+        model = DashengModel.from_pretrained(source)
+    except OSError as error:  # a folder without weights, a missing shard
+        raise DashengPreflightError(f"--model {name}: {str(error).splitlines()[0]}") from None
     try:
         feature_extractor = DashengFeatureExtractor.from_pretrained(source)
     except OSError:

@@ -213,19 +213,22 @@ def load_encoder(
         labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
         if multi_label:
             labels["problem_type"] = "multi_label_classification"
-    if _is_dasheng(config_dict):
+    try:
+        if _is_dasheng(config_dict):
+            if labels is None:
+                model = DashengModel.from_pretrained(name)
+            else:
+                model = DashengForAudioClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
+            return model, _dasheng_feature_extractor(name, model)
         if labels is None:
-            model = DashengModel.from_pretrained(name)
+            model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
         else:
-            model = DashengForAudioClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
-        return model, _dasheng_feature_extractor(name, model)
-    if labels is None:
-        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForAudioClassification.from_pretrained(
-            name, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **labels
-        )
-    return model, AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model = AutoModelForAudioClassification.from_pretrained(
+                name, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **labels
+            )
+        return model, AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as error:  # a folder without weights or without a preprocessor config
+        raise LinearProbeError(f"Could not load the model {name!r}: {str(error).splitlines()[0]}") from None
 
 
 def featurize(feature_extractor: FeatureExtractionMixin, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -136,9 +136,10 @@ def load_model(model_file_path: str = "", **options: Any) -> DashengHearModel:
             f"checkpoint first: `dasheng-convert --checkpoint {model_file_path} --output FOLDER`."
         )
     # Before any download: a missing folder is named as such, an unreachable or offline Hub in one line, no retries.
+    size = canonical_preset_name(source.rpartition("/")[2]) or "dasheng-base"
     check_resources(
         [HubResource("model_file_path", source)],
-        advice="a folder written by save_pretrained, or by `dasheng-convert --checkpoint dasheng-base --output FOLDER` "
+        advice=f"a folder written by save_pretrained, or by `dasheng-convert --checkpoint {size} --output FOLDER` "
         "for a released checkpoint",
         cache_dir=options.get("cache_dir"),
     )

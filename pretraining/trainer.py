@@ -357,8 +357,9 @@ def check_training_flags(
     if not data_args.train_data:
         raise DashengPretrainingError("--train_data is required (shard pattern, folder, file list or datasets id).")
     if training_args.max_steps <= 0:
+        given = "is required" if training_args.max_steps == -1 else f"must be positive, got {training_args.max_steps}"
         raise DashengPretrainingError(
-            "--max_steps is required: the data is streamed, so the run length is given in optimizer steps "
+            f"--max_steps {given}: the data is streamed, so the run length is given in optimizer steps "
             "(the paper: 1500000 steps of 256 crops)."
         )
     check_flags(model_args, data_args)

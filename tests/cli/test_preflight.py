@@ -99,3 +99,22 @@ def test_an_existing_output_folder_is_never_removed(tmp_path):
     with pytest.raises(RuntimeError), new_output_folder(tmp_path):
         raise RuntimeError
     assert (tmp_path / "old.txt").read_text() == "results"
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DashengPreflightError, match="cannot create the output folder") as error:
+        with new_output_folder(tmp_path / "file" / "run"):
+            pass
+    assert "\n" not in str(error.value) and "pass a writable path" in str(error.value)
+
+
+def test_missing_paths_alone_get_no_hub_advice(tmp_path):
+    with pytest.raises(DashengPreflightError) as error:
+        check_resources([HubResource("--model", str(tmp_path / "nope"))], advice="dasheng-convert ...")
+    assert str(error.value) == f"--model '{tmp_path / 'nope'}' does not exist (no such file or folder)."
+
+
+def test_a_repo_id_like_reference_offline_also_says_it_is_no_local_path(empty_cache):
+    with pytest.raises(DashengPreflightError, match="HF_HUB_OFFLINE is set \\(no downloads\\); nor is it a local path"):
+        check_resources([HubResource("--dataset", "runs/embeddings", kind="dataset")])
