@@ -5,7 +5,8 @@ tar shards and `datasets`, decoded to mono float32 at 16 kHz. Decoding lives in 
 
 Sources (a string, or a list of them):
 
-- a folder: every audio file under it (recursively), sorted by path;
+- a folder: every audio file under it (recursively), sorted by path; when every file sits in a subfolder (class
+  folders, `dog/1.wav`), its folder's name is its `label`;
 - a file list (`.csv`, `.tsv`) with a `filename` column: relative paths are read from the list's folder and may not
   leave it (`../` is an error naming the row); the other columns become each clip's `labels`;
 - webdataset tar shards, as a brace pattern (`shards/train-{000000..000127}.tar`), a glob or a folder of `.tar`

@@ -250,7 +250,18 @@ def _resolve(source: Any, audio_column: str, split: str) -> list[AudioRecord | T
     if local.is_dir():
         files = find_audio_files(local)
         if files:
-            return [AudioRecord(key=str(f.relative_to(local)), origin=str(f), path=str(f)) for f in files]
+            # Class folders (Transformers' audiofolder convention): with every file in a subfolder, the name of
+            # its folder is its `label` (`dog/1.wav`, or `train/dog/1.wav`).
+            classes = all(f.parent != local for f in files)
+            return [
+                AudioRecord(
+                    key=str(f.relative_to(local)),
+                    origin=str(f),
+                    path=str(f),
+                    labels={"label": f.parent.name} if classes else None,
+                )
+                for f in files
+            ]
         shards = sorted(str(path) for path in local.glob("*.tar"))
         if shards:
             return _unpublished_check([TarShard(path) for path in shards])

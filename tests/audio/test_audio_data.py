@@ -382,3 +382,21 @@ def test_trainer_on_two_processes_reads_each_share_once(shards, paths, tmp_path,
         seen.append([(key, int(offset)) for key, offset in (item.rsplit("@", 1) for item in ids)])
         assert seen[rank] == stream  # this process read its own stream, in order, and nothing else
     assert set(seen[0]) | set(seen[1]) == set(everything)
+
+
+def test_class_folders_label_each_file_with_its_folder(tmp_path):
+    """Transformers' audiofolder convention: `dog/1.wav` is labelled `dog` (also under train/ and test/)."""
+    from dasheng_hf.audio.sources import resolve_sources
+
+    source = fsdd_files()[0]
+    for relative in ("train/dog/a.wav", "train/cat/b.wav", "test/dog/c.wav"):
+        (tmp_path / "classes" / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(source, tmp_path / "classes" / relative)
+    records = resolve_sources(str(tmp_path / "classes"), "audio", "train")
+    assert {(r.key, r.labels["label"]) for r in records} == {
+        ("train/dog/a.wav", "dog"),
+        ("train/cat/b.wav", "cat"),
+        ("test/dog/c.wav", "dog"),
+    }
+    (tmp_path / "classes" / "loose.wav").symlink_to(source)  # a file outside every class folder: no labels at all
+    assert all(r.labels is None for r in resolve_sources(str(tmp_path / "classes"), "audio", "train"))
