@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..cli.preflight import DashengPreflightError, HubResource, check_resources, new_output_folder
 
-__all__ = ["main"]
+__all__ = ["main", "parse_folds"]
 
 DEFAULT_MODEL = "mispeech/dasheng-base"
 OFFLINE_ADVICE = (
@@ -31,7 +31,8 @@ OFFLINE_ADVICE = (
 )
 
 
-def _parse_folds(text: str) -> tuple[int, ...]:
+def parse_folds(text: str) -> tuple[int, ...]:
+    """`--folds 1,2,3` as a tuple of fold numbers (also for `dasheng-linear-probe`)."""
     try:
         folds = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--layer", type=int, help="Embeddings: use the layer_<i> column of dasheng-embed output.")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--protocol", default="auto", choices=("auto", "folds", "splits", "stratified"))
-    protocol.add_argument("--folds", type=_parse_folds, help="Held-out folds to evaluate (default all).")
+    protocol.add_argument("--folds", type=parse_folds, help="Held-out folds to evaluate (default all).")
     protocol.add_argument("--test-fraction", type=float, default=0.2, help="Stratified split: test share (0.2).")
     protocol.add_argument("--seed", type=int, default=0, help="Split and training seed (default 0).")
     head = parser.add_argument_group("model and head")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli.preflight import DashengPreflightError, HubResource, check_resources, new_output_folder
+from .evaluate import parse_folds
 
 __all__ = ["DEFAULT_DATASET", "ProbeOptions", "load_audio_clips", "main", "run_protocol"]
 
@@ -122,18 +123,6 @@ def _writable_folder(path: Path, flag: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise LinearProbeError(f"{flag} {path}: the folder is not writable.")
     return path
-
-
-def parse_folds(text: str) -> tuple[int, ...]:
-    try:
-        folds = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"--folds takes comma-separated integers such as 1,2,3,4,5, got {text!r}."
-        ) from error
-    if not folds:
-        raise argparse.ArgumentTypeError("--folds needs at least one fold.")
-    return folds
 
 
 def _parser() -> argparse.ArgumentParser:
