@@ -7,8 +7,9 @@ Sources (a string, or a list of them):
 
 - a folder: every audio file under it (recursively), sorted by path; when every file sits in a subfolder (class
   folders, `dog/1.wav`), its folder's name is its `label`;
-- a file list (`.csv`, `.tsv`) with a `filename` column: relative paths are read from the list's folder and may not
-  leave it (`../` is an error naming the row); the other columns become each clip's `labels`;
+- a file list (`.csv`, `.tsv`) with a `filename` column (tools name another with `--file-column`): relative paths
+  are read from the list's folder and may not leave it (`../` is an error naming the row); the other columns become
+  each clip's `labels`;
 - webdataset tar shards, as a brace pattern (`shards/train-{000000..000127}.tar`), a glob or a folder of `.tar`
   files: one sample per key, the audio member (`.flac`, `.wav`, `.mp3`, ...) and an optional `.json` (`labels`);
 - a `datasets` dataset (Hub id, local path, or a `datasets.Dataset`) with an audio column.
@@ -70,6 +71,7 @@ from .decoding import (
 )
 from .sources import (
     AudioRecord,
+    DashengFileListColumnError,
     TarShard,
     expand_pattern,
     find_audio_files,
@@ -87,6 +89,7 @@ __all__ = [  # the datasets, and the decoding and source helpers every tool impo
     "DashengAudioDataset",
     "DashengAudioError",
     "DashengAudioPart",
+    "DashengFileListColumnError",
     "audio_parts",
     "crop_audio",
     "decode_audio",
@@ -360,17 +363,18 @@ class DashengAudioPart:
 
 
 def audio_parts(
-    sources: Any, clips_per_part: int, audio_column: str = "audio", split: str = "train"
+    sources: Any, clips_per_part: int, audio_column: str = "audio", split: str = "train", file_column: str = "filename"
 ) -> list[DashengAudioPart]:
     """
     The clips of `sources` (see the module docstring) cut into [`DashengAudioPart`]s: consecutive files or dataset
     rows by `clips_per_part`, each tar shard a part of its own. The same sources always give the same parts.
+    `file_column` names the file column of CSV/TSV lists.
     """
     if clips_per_part < 1:
         raise DashengAudioError(f"clips_per_part must be at least 1, got {clips_per_part}.")
     parts: list[DashengAudioPart] = []
     pending: list[Any] = []
-    for unit in resolve_sources(sources, audio_column, split):
+    for unit in resolve_sources(sources, audio_column, split, file_column):
         if isinstance(unit, TarShard) or len(pending) == clips_per_part:
             if pending:
                 parts.append(DashengAudioPart(len(parts), pending))

@@ -320,7 +320,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="Shard name prefix (default: the list's or folder's name).")
     parser.add_argument("--seed", type=int, default=0, help="Shuffling seed (%(default)s).")
     parser.add_argument("--no_shuffle", "--no-shuffle", action="store_true", help="Keep the input order.")
-    parser.add_argument("--filename_column", "--filename-column", default="filename", help="Default %(default)s.")
+    parser.add_argument(
+        "--file-column",
+        "--filename_column",
+        "--filename-column",
+        dest="filename_column",
+        default="filename",
+        help="Default %(default)s.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace shards of the same prefix in output_dir.")
     return parser
 

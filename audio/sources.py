@@ -24,6 +24,7 @@ from .decoding import AUDIO_EXTENSIONS, SAMPLING_RATE, DashengAudioError, decode
 
 __all__ = [
     "AudioRecord",
+    "DashengFileListColumnError",
     "TarShard",
     "expand_pattern",
     "find_audio_files",
@@ -31,6 +32,10 @@ __all__ = [
     "resolve_sources",
     "unit_records",
 ]
+
+
+class DashengFileListColumnError(DashengAudioError):
+    """A file list without the file column asked for (tools name it with `--file-column`)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def read_file_list(
     rows = csv.reader(lines, delimiter=delimiter)
     header = [name.strip() for name in next(rows, [])]
     if filename_column not in header:
-        raise DashengAudioError(
+        raise DashengFileListColumnError(
             f"{path}: no {filename_column!r} column in the header {header} (delimiter {delimiter!r})."
         )
     column = header.index(filename_column)
@@ -237,7 +242,9 @@ def _load_datasets_source(source: Any, audio_column: str, split: str) -> list[_D
     return [_DatasetRow(source, index, audio_column, str(name or "dataset")) for index in range(len(source))]
 
 
-def _resolve(source: Any, audio_column: str, split: str) -> list[AudioRecord | TarShard | _DatasetRow]:
+def _resolve(
+    source: Any, audio_column: str, split: str, file_column: str
+) -> list[AudioRecord | TarShard | _DatasetRow]:
     """The units (files, shards, dataset rows) of one source; [`DashengAudioError`] if it matches nothing."""
     if not isinstance(source, (str, os.PathLike)):
         return _load_datasets_source(source, audio_column, split)
@@ -269,7 +276,7 @@ def _resolve(source: Any, audio_column: str, split: str) -> list[AudioRecord | T
     if local.is_file() and local.suffix[1:].lower() in AUDIO_EXTENSIONS:
         return [AudioRecord(key=local.name, origin=str(local), path=str(local))]
     if local.is_file():
-        return read_file_list(local)
+        return read_file_list(local, filename_column=file_column)
     if glob.has_magic(text) or "{" in text:
         return [AudioRecord(key=path, origin=path, path=path) for path in expand_pattern(text)]
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
@@ -290,12 +297,14 @@ def _unpublished_check(shards: list[TarShard]) -> list[TarShard]:
     return shards
 
 
-def resolve_sources(sources: Any, audio_column: str, split: str) -> list[AudioRecord | TarShard | _DatasetRow]:
+def resolve_sources(
+    sources: Any, audio_column: str, split: str, file_column: str = "filename"
+) -> list[AudioRecord | TarShard | _DatasetRow]:
     if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, Sequence):
         sources = [sources]
     if not sources:
         raise DashengAudioError("No audio source given.")
-    return [unit for source in sources for unit in _resolve(source, audio_column, split)]
+    return [unit for source in sources for unit in _resolve(source, audio_column, split, file_column)]
 
 
 def unit_records(unit: AudioRecord | TarShard | _DatasetRow) -> Iterator[AudioRecord | DashengAudioError]:

@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-seconds", type=float, help="Audio per model batch (default 320 on a GPU, 60 on the CPU)."
     )
     parser.add_argument("--clips-per-part", type=int, default=1000, help="Clips per Parquet part (default 1000).")
+    parser.add_argument("--file-column", default="filename", help="File column of CSV/TSV lists (default filename).")
     parser.add_argument("--audio-column", default="audio", help="Audio column of a datasets source.")
     parser.add_argument("--split", default="train", help="Split of a datasets source (default train).")
     parser.add_argument("--device", help="Default: this process's GPU if any, else the CPU.")
@@ -141,140 +142,203 @@ def _load_model(name: str) -> Any:
     return model, feature_extractor
 
 
-def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
-    """Embed `arguments.sources` as the command line says; returns the index (`info.json`) on rank 0."""
-    import torch
-    from tqdm.auto import tqdm
+def _layers(requested: list[int] | str | None, num_layers: int) -> list[int] | None:
+    """`--layers` as indices into `hidden_states` (0..num_layers - 1)."""
+    if requested is None:
+        return None
+    layers = list(range(num_layers)) if requested == "all" else requested
+    bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
+    if bad:
+        raise DashengPreflightError(f"--layers {bad}: the model has hidden_states 0..{num_layers - 1} (or -1).")
+    return [layer % num_layers for layer in layers]
 
-    from ..audio.datasets import audio_parts
-    from .extract import FRAME_RATE, DashengEmbedder, DashengFeatureStream, weights_fingerprint
-    from .store import PartWriter, check_settings, done_parts, remove_stale_partials, write_index
 
-    started = time.perf_counter()
-    rank, world_size, local_rank = _distributed()
-    output_dir = Path(arguments.output_dir).expanduser()
-    model, feature_extractor = _load_model(arguments.model)
-    num_layers = model.config.num_hidden_layers + 1
-    layers = arguments.layers
-    if layers == "all":
-        layers = list(range(num_layers))
-    if layers is not None:
-        bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
-        if bad:
-            raise DashengPreflightError(f"--layers {bad}: the model has hidden_states 0..{num_layers - 1} (or -1).")
-        layers = [layer % num_layers for layer in layers]
-    parts = audio_parts(arguments.sources, arguments.clips_per_part, arguments.audio_column, arguments.split)
-    settings = {
+def _settings(arguments: argparse.Namespace, fingerprint: str, num_parts: int, layers: list[int] | None) -> dict:
+    """What the embeddings are made with: a rerun into the same folder must match (`store.check_settings`)."""
+    return {
         "model": arguments.model,
-        "weights_sha256": weights_fingerprint(model),
+        "weights_sha256": fingerprint,
         "sources": [str(source) for source in arguments.sources],
-        "num_parts": len(parts),
+        **({"file_column": arguments.file_column} if arguments.file_column != "filename" else {}),
+        "num_parts": num_parts,
         "clips_per_part": arguments.clips_per_part,
         "layers": layers,
         "frames": arguments.frames,
         "dtype": "float16" if arguments.float16 else "float32",
         "compute_dtype": "bfloat16" if arguments.bf16 else "float32",
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(output_dir, settings)
-    finished = done_parts(output_dir)
-    mine = [part for part in parts if part.number % world_size == rank and part.number not in finished]
-    remove_stale_partials(output_dir, [part.number for part in mine])
+
+
+def _embed_parts(
+    arguments: argparse.Namespace, parts: list, model: Any, feature_extractor: Any, layers: list[int] | None, rank: int
+) -> float:
+    """Embed `parts` and write them; returns the seconds the loop took (reading, features, model, writing)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..jobs.interrupts import fault_point
+    from .extract import DashengEmbedder, DashengFeatureStream
+    from .store import PartWriter
+
+    output_dir = Path(arguments.output_dir).expanduser()
+    _, _, local_rank = _distributed()
     device = arguments.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if arguments.bf16 and torch.device(device).type == "cpu" and rank == 0:
         warning = warn_if_bf16_is_emulated("--bf16")
         if warning:
             print(warning, file=sys.stderr)
     embedder = DashengEmbedder(model, layers, arguments.frames, arguments.bf16, device)
-    stream = DashengFeatureStream(mine, feature_extractor, model.config.chunk_num_tokens * 4)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(arguments.num_workers, len(mine)))
     batch_seconds = arguments.batch_seconds or (60.0 if torch.device(device).type == "cpu" else 320.0)
-    budget = batch_seconds * 100  # frames: small batches on a CPU start the model early, overlapped with decoding
+    # Workers form the batches (frames of 10 ms); small ones on a CPU start the model early.
+    stream = DashengFeatureStream(parts, feature_extractor, model.config.chunk_num_tokens * 4, int(batch_seconds * 100))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(arguments.num_workers, len(parts)))
     writers: dict[int, PartWriter] = {}
-    pending: dict[int, list[tuple[dict[str, Any], Any]]] = {}
-    total = sum(part.num_clips or 0 for part in mine) if all(part.num_clips for part in mine) else None
+    clips: dict[int, dict[int, dict[str, Any]]] = {}  # per part: the clips whose segments are still coming
+    total = sum(part.num_clips or 0 for part in parts) if all(part.num_clips for part in parts) else None
     bar = tqdm(total=total, unit="clip", desc="Embedding", disable=rank != 0, dynamic_ncols=True)
     seconds = 0.0
-    loop_started = time.perf_counter()
+    started = time.perf_counter()
+    batches = iter(loader)
+    try:
+        for batch in batches:
+            number = batch["part"]
+            if number not in writers:
+                writers[number] = PartWriter(output_dir, number, layers, arguments.frames, arguments.float16)
+                clips[number] = {}
+            writer = writers[number]
+            for event in batch["events"]:
+                if event["kind"] == "skipped":
+                    writer.skip(event)
+                    if arguments.verbose:
+                        bar.write(f"skipped {event['reason']}")
+                else:
+                    clips[number][event["index"]] = writer.start_clip(event)
+                    seconds += event["duration"]
+            if batch["lengths"]:
+                outputs = embedder.forward(batch["features"].split(batch["lengths"], dim=-1))
+                for owner, output in zip(batch["owners"], outputs):
+                    writer.add_segment(clips[number][owner], output)
+            if batch["last"]:
+                writer.finish()
+                del writers[number], clips[number]
+                fault_point("embed-part-written")
+            bar.update(len(batch["events"]))
+            rate = seconds / 3600 / (time.perf_counter() - started)
+            bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {rate:.3g} audio-h/s", refresh=False)
+    finally:
+        bar.close()
+        # Stop the workers now, while this process still reads their queue (an interrupted run exits right after).
+        del batches
+        for writer in writers.values():  # parts left unfinished by an interrupt
+            writer.abort()
+    return time.perf_counter() - started
 
-    def flush(number: int) -> None:
-        batch = pending.pop(number, [])
-        if batch:
-            outputs = embedder.forward([segment for _, segment in batch])
-            for (clip, _), output in zip(batch, outputs):
-                writers[number].add_segment(clip, output)
 
-    for item in loader:
-        number = item["part"]
-        writer = writers.get(number)
-        if writer is None:
-            writer = writers[number] = PartWriter(output_dir, number, layers, arguments.frames, arguments.float16)
-        if item["kind"] == "end":
-            flush(number)
-            writer.finish()
-            del writers[number]
-            continue
-        bar.update(1)
-        if item["kind"] == "skipped":
-            writer.skip(item)
-            if arguments.verbose:
-                bar.write(f"skipped {item['reason']}")
-            continue
-        clip = writer.start_clip(item)
-        for segment in item["segments"]:
-            queue = pending.setdefault(number, [])
-            if queue and sum(s.shape[-1] for _, s in queue) + segment.shape[-1] > budget:
-                flush(number)
-                queue = pending.setdefault(number, [])
-            queue.append((clip, segment))
-        seconds += item["duration"]
-        elapsed = time.perf_counter() - loop_started
-        bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {seconds / 3600 / elapsed:.3g} audio-h/s", refresh=False)
-    bar.close()
-    loop_seconds = time.perf_counter() - loop_started
-    if world_size > 1:
-        torch.distributed.barrier()
-    info = None
-    if rank == 0:
-        info = write_index(
-            output_dir,
-            len(parts),
-            {
-                **settings,
-                "hidden_size": model.config.hidden_size,
-                "frame_rate": FRAME_RATE,
-                "frame_time": "centre of token i: 0.04 * i + 0.015 s",
-                "num_processes": world_size,
-                "embedding_seconds": loop_seconds,  # rank 0's: reading, features and model, not loading
-            },
+def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
+    """Embed `arguments.sources` as the command line says; returns the index (`info.json`) on rank 0."""
+    import contextlib
+    import json
+
+    import torch
+
+    from ..audio.datasets import DashengFileListColumnError, audio_parts
+    from ..jobs.lock import DashengOutputLock
+    from .extract import FRAME_RATE, weights_fingerprint
+    from .store import check_settings, done_parts, remove_stale_partials, write_index
+
+    started = time.perf_counter()
+    rank, world_size, _ = _distributed()
+    output_dir = Path(arguments.output_dir).expanduser()
+    model, feature_extractor = _load_model(arguments.model)
+    layers = _layers(arguments.layers, model.config.num_hidden_layers + 1)
+    try:
+        parts = audio_parts(
+            arguments.sources, arguments.clips_per_part, arguments.audio_column, arguments.split, arguments.file_column
         )
-        hours = info["audio_hours"]
-        print(
-            f"Embedded {info['num_clips']} clips ({hours:.3f} h of audio) in {time.perf_counter() - started:.1f} s; "
-            f"skipped {info['num_skipped']}"
-            + (f" (named in {output_dir / 'info.json'})" if info["num_skipped"] else "")
-            + f". Written to {output_dir}.",
-            flush=True,
-        )
+    except DashengFileListColumnError as error:
+        raise DashengPreflightError(f"{error} Name the file column with --file-column.") from None
+    settings = _settings(arguments, weights_fingerprint(model), len(parts), layers)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if rank == 0:  # one run per folder; the other processes of this run start once rank 0 owns it
+            stack.enter_context(DashengOutputLock(output_dir, "dasheng-embed"))
+            check_settings(output_dir, settings)
+        if world_size > 1:
+            torch.distributed.barrier()
+        finished = done_parts(output_dir)
+        mine = [part for part in parts if part.number % world_size == rank and part.number not in finished]
+        remove_stale_partials(output_dir, [part.number for part in mine])
+        loop_seconds = _embed_parts(arguments, mine, model, feature_extractor, layers, rank) if mine else 0.0
+        if world_size > 1:
+            torch.distributed.barrier()
+        info = None
+        if rank == 0:
+            index = output_dir / "info.json"
+            if len(finished) == len(parts) and index.is_file():  # a finished folder: its index stays as it is
+                info = json.loads(index.read_text())
+            else:
+                info = write_index(
+                    output_dir,
+                    len(parts),
+                    {
+                        **settings,
+                        "hidden_size": model.config.hidden_size,
+                        "frame_rate": FRAME_RATE,
+                        "frame_time": "centre of token i: 0.04 * i + 0.015 s",
+                        "num_processes": world_size,
+                        "embedding_seconds": loop_seconds,  # rank 0's: reading, features and model, not loading
+                    },
+                )
+            _report(info, output_dir, resumed=len(finished), elapsed=time.perf_counter() - started)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return info
 
 
+def _report(info: dict[str, Any], output_dir: Path, resumed: int, elapsed: float) -> None:
+    """The result line: what the folder holds, and what this run did."""
+    holds = f"{info['num_clips']} clips ({info['audio_hours']:.3f} h of audio)"
+    skipped = f"skipped {info['num_skipped']}" + (
+        f" (named in {output_dir / 'info.json'})" if info["num_skipped"] else ""
+    )
+    if resumed == info["num_parts"]:
+        line = f"Nothing to do: {output_dir} already holds all {resumed} parts, {holds}; {skipped}."
+    else:
+        line = f"Embedded {holds} in {elapsed:.1f} s; {skipped}. Written to {output_dir}."
+        if resumed:
+            line += f" ({resumed} of {info['num_parts']} parts were already written and kept.)"
+    print(line, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (`dasheng-embed`, `python -m dasheng_hf.embedding.embed`)."""
+    from ..jobs.interrupts import DashengInterrupted, interrupts_raise
+    from ..jobs.lock import DashengLockError
+
     parser = _parser()
     arguments = parser.parse_args(argv)
     _check(arguments, parser)
+    kept = "the parts written so far are kept, and the same command resumes"
     try:
         check_resources(_hub_resources(arguments), advice=CONVERT_ADVICE)
-        with new_output_folder(Path(arguments.output_dir).expanduser(), remove_partial=False):
+        with interrupts_raise(), new_output_folder(Path(arguments.output_dir).expanduser(), remove_partial=False):
             run_embed(arguments)
-    except (DashengPreflightError, ValueError) as error:
+    except (DashengPreflightError, DashengLockError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except DashengInterrupted as error:
+        parser.exit(130, f"{parser.prog}: interrupted ({error.signal_name}); {kept}.\n")
     except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; the parts written so far are kept, a rerun resumes.\n")
+        parser.exit(130, f"{parser.prog}: interrupted (SIGINT); {kept}.\n")
+    except RuntimeError as error:  # a decoding worker killed (out of memory, or a signal sent to it alone)
+        if "DataLoader worker" not in str(error):
+            raise
+        what = str(error).splitlines()[0].strip().rstrip(".")
+        parser.exit(
+            1,
+            f"{parser.prog}: error: a decoding worker died ({what}); if memory ran out, pass a smaller --num-workers "
+            f"or --batch-seconds; {kept}.\n",
+        )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ through the model, and per-segment outputs that the writer (`embedding/store.py`
 A clip's log-mel features are computed whole (the front end floors each clip at 120 dB below its own peak) and cut
 into segments of [`SEGMENT_CHUNKS`] attention chunks (161.28 s). Dasheng encodes every 10.08 s chunk on its own, so a
 segment's tokens equal the whole clip's tokens at the same place, and an hour-long file costs the memory of one
-segment in the model. Segments of a part are batched up to `batch_seconds` of audio; the encoder packs the real
-tokens of a batch and never computes padding.
+segment in the model. Workers gather a part's segments into batches of up to `batch_seconds` of audio, so the main
+process does nothing but run the model; the encoder packs the real tokens of a batch and never computes padding.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,31 +57,61 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 class DashengFeatureStream(torch.utils.data.IterableDataset):
     """
-    The clips of `parts` as features, for a `DataLoader` with `batch_size=None`: each worker reads whole parts, in
-    turn. Yields `{"part", "kind": "clip", "file", "key", "labels", "duration", "segments": [(64, frames) ...]}` per
-    usable clip, `{"part", "kind": "skipped", "file", "reason"}` per clip that cannot be used, and `{"part", "kind":
-    "end"}` after a part's last clip.
+    The clips of `parts` as batches of features, for a `DataLoader` with `batch_size=None`: each worker reads whole
+    parts in turn, computes features and gathers segments into batches of up to `batch_frames` frames (a longer
+    segment alone), so the main process only runs the model and workers keep decoding meanwhile.
+
+    Each batch is `{"part", "events", "features", "lengths", "owners", "last"}`:
+
+    - `events`: the clips this batch introduces, in order: `{"kind": "clip", "index", "file", "key", "labels",
+      "duration", "num_segments"}` for a usable clip (`index` counts the part's clips), `{"kind": "skipped", "file",
+      "reason"}` for one that cannot be used;
+    - `features`: `(64, frames)` float32, the batch's segments side by side, `lengths` frames each;
+    - `owners`: the `index` of each segment's clip (a clip's segments come in order, possibly over several batches);
+    - `last`: the part ends with this batch.
     """
 
     def __init__(
-        self, parts: Sequence[DashengAudioPart], feature_extractor: DashengFeatureExtractor, chunk_frames: int
+        self,
+        parts: Sequence[DashengAudioPart],
+        feature_extractor: DashengFeatureExtractor,
+        chunk_frames: int,
+        batch_frames: int,
     ):
         self.parts, self.feature_extractor = list(parts), feature_extractor
-        self.segment_frames = SEGMENT_CHUNKS * chunk_frames
+        self.segment_frames, self.batch_frames = SEGMENT_CHUNKS * chunk_frames, batch_frames
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             torch.set_num_threads(1)
+            _quiet_worker_signals()
         for part in self.parts[worker::workers]:
-            for record in part.records():
-                yield self._item(part.number, record)
-            yield {"part": part.number, "kind": "end"}
+            yield from self._batches(part)
 
-    def _item(self, part: int, record: Any) -> dict[str, Any]:
+    def _batches(self, part: DashengAudioPart) -> Iterator[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        segments: list[torch.Tensor] = []
+        owners: list[int] = []
+        frames = clips = 0
+        for record in part.records():
+            event, clip_segments = self._clip(record, clips)
+            events.append(event)
+            clips += event["kind"] == "clip"
+            for segment in clip_segments:
+                if segments and frames + segment.shape[-1] > self.batch_frames:
+                    yield _batch(part.number, events, segments, owners, last=False)
+                    events, segments, owners, frames = [], [], [], 0
+                segments.append(segment)
+                owners.append(event["index"])
+                frames += segment.shape[-1]
+        yield _batch(part.number, events, segments, owners, last=True)
+
+    def _clip(self, record: Any, index: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The event of one record, and its feature segments `(64, <= segment_frames)`."""
         if isinstance(record, DashengAudioError):
-            return {"part": part, "kind": "skipped", "file": str(record).split(": ")[0], "reason": str(record)}
+            return {"kind": "skipped", "file": str(record).split(": ")[0], "reason": str(record)}, []
         file = record.path or record.origin
         try:
             audio = record.decode(SAMPLING_RATE)
@@ -93,22 +125,41 @@ class DashengFeatureStream(torch.utils.data.IterableDataset):
             except ValueError as error:  # unnormalised samples beyond float32's range
                 raise DashengAudioError(f"{record.origin}: {error}") from error
         except DashengAudioError as error:
-            return {"part": part, "kind": "skipped", "file": file, "reason": str(error)}
+            return {"kind": "skipped", "file": file, "reason": str(error)}, []
         values = features["input_values"][0]
-        segments = [
-            values[:, start : start + self.segment_frames] for start in range(0, values.shape[-1], self.segment_frames)
-        ]
+        segments = list(values.split(self.segment_frames, dim=-1))
         if len(segments) > 1 and segments[-1].shape[-1] < 4:  # frames that end no token
             segments.pop()
-        return {
-            "part": part,
+        event = {
             "kind": "clip",
+            "index": index,
             "file": file,
             "key": record.key,
             "labels": record.labels,
             "duration": len(audio) / SAMPLING_RATE,
-            "segments": [segment.clone() for segment in segments],
+            "num_segments": len(segments),
         }
+        return event, segments
+
+
+def _quiet_worker_signals() -> None:
+    """
+    In a dataloader worker: Ctrl-C and SIGHUP, which reach the whole process group, are left to the main process
+    (it stops the workers); SIGTERM ends the worker at once with status 0, so that a SIGTERM sent to the group does
+    not also make the DataLoader report a worker "killed by signal" while the main process stops.
+    """
+    for name in ("SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def _batch(
+    part: int, events: list[dict[str, Any]], segments: list[torch.Tensor], owners: list[int], last: bool
+) -> dict[str, Any]:
+    features = torch.cat(segments, dim=-1) if segments else torch.empty(0, 0)
+    lengths = [segment.shape[-1] for segment in segments]
+    return {"part": part, "events": events, "features": features, "lengths": lengths, "owners": owners, "last": last}
 
 
 @dataclass

@@ -126,8 +126,8 @@ class PartWriter:
         return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=self.value_type), matrix.shape[1])
 
     def start_clip(self, item: dict[str, Any]) -> dict[str, Any]:
-        """A clip whose segments follow: the state to pass to [`add_segment`] with each."""
-        return {"item": item, "tokens": 0, "sum": None, "layer_sums": None, "remaining": len(item["segments"])}
+        """A clip (an event of `DashengFeatureStream`) whose segments follow: the state to pass to [`add_segment`]."""
+        return {"item": item, "tokens": 0, "sum": None, "layer_sums": None, "remaining": item["num_segments"]}
 
     def add_segment(self, clip: dict[str, Any], output: SegmentOutput) -> None:
         """The next segment of `clip` (in order); the clip's row is complete after its last segment."""
@@ -172,6 +172,14 @@ class PartWriter:
     def skip(self, item: dict[str, Any]) -> None:
         """A clip that could not be used: named in the part's record."""
         self.skipped.append({"file": item["file"], "reason": item["reason"]})
+
+    def abort(self) -> None:
+        """An interrupted part: its temporary frames file is removed (its final files were never written)."""
+        if self._frames_writer is not None:
+            self._frames_writer.close()
+            self._frames_writer = None
+        if self._frames_partial is not None:
+            self._frames_partial.unlink(missing_ok=True)
 
     def finish(self) -> dict[str, Any]:
         """Write the part (frames, clips, then its record, each renamed into place) and return its record."""

@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from ..audio.datasets import AudioRecord, DashengAudioClips, DashengAudioError, find_audio_files, read_file_list
+from ..audio.datasets import (
+    AudioRecord,
+    DashengAudioClips,
+    DashengAudioError,
+    DashengFileListColumnError,
+    find_audio_files,
+    read_file_list,
+)
 from .embeddings import AudioClips, LinearProbeError, hub_hint, is_local_path
 
 __all__ = [
@@ -151,8 +158,10 @@ def _from_records(
 def _from_file_list(path: Path, columns: DatasetColumns) -> AudioClips:
     try:
         records = read_file_list(path, filename_column=columns.file)
-    except DashengAudioError as error:
+    except DashengFileListColumnError as error:
         raise LinearProbeError(f"{error} Name the file column with --file-column.") from error
+    except DashengAudioError as error:
+        raise LinearProbeError(str(error)) from error
     header = set(records[0].labels or {})
     for flag, name in (("--label-column", columns.label), ("--fold-column", columns.fold)):
         if name and name not in header:

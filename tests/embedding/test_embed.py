@@ -211,3 +211,100 @@ def test_tar_shards_and_datasets_sources_carry_their_labels(model_dir, tmp_path)
     with torch.no_grad():
         expected = model(**extractor(decode_audio(files[0]), sampling_rate=16000, return_tensors="pt")).pooler_output
     np.testing.assert_allclose(clips.embedding[0], expected[0].numpy(), atol=1e-5)
+
+
+def test_a_file_list_names_its_file_column_and_a_missing_one_is_one_line(model_dir, tmp_path, capsys):
+    files = [Path(path) for path in fsdd_files()[:3]]
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,digit\n" + "".join(f"{path},{path.stem[0]}\n" for path in files))
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(listing), "--model", str(model_dir), "--output-dir", str(output)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no 'filename' column" in error and "--file-column" in error
+    assert len(error.strip().splitlines()) == 1 and not output.exists()
+    main([str(listing), "--model", str(model_dir), "--output-dir", str(output), "--file-column", "path"])
+    clips = pd.read_parquet(output / "clips")
+    assert clips.file.tolist() == [str(path) for path in files] and clips.digit.tolist() == [p.stem[0] for p in files]
+    assert "path" not in clips.columns
+
+
+def test_a_rerun_of_a_finished_folder_does_nothing_and_says_so(model_dir, audio_dir, embedded, capsys):
+    before = (embedded / "info.json").read_text()
+    main([str(audio_dir), "--model", str(model_dir), "--output-dir", str(embedded), *ARGUMENTS])
+    out = capsys.readouterr().out
+    assert f"Nothing to do: {embedded} already holds all 5 parts, 13 clips" in out and "skipped 1" in out
+    assert (embedded / "info.json").read_text() == before
+
+
+def test_a_second_run_on_the_same_folder_is_refused(model_dir, audio_dir, tmp_path, capsys):
+    import socket as sockets
+
+    output = tmp_path / "busy"
+    output.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        owner = {"pid": sleeper.pid, "host": sockets.gethostname(), "command": "dasheng-embed", "token": "t"}
+        (output / ".dasheng-run.lock").write_text(json.dumps({**owner, "started": "2026-12-05 10:00:00"}))
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(audio_dir), "--model", str(model_dir), "--output-dir", str(output)])
+        sleeper.kill()
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"in use by process {sleeper.pid}" in error and "Traceback" not in error
+    assert sorted(path.name for path in output.iterdir()) == [".dasheng-run.lock"]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "signum, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, True)]
+)
+def test_a_signal_mid_run_ends_with_one_line_and_the_same_command_resumes(
+    model_dir, audio_dir, embedded, tmp_path, signum, group
+):
+    """SIGINT/SIGTERM to the main process alone or to its process group (Ctrl-C, a scheduler), with 2 workers."""
+    from fault_injection import FaultRun
+
+    output = tmp_path / "stopped"
+    argv = [str(audio_dir), "--model", str(model_dir), "--output-dir", str(output), *ARGUMENTS[:-1], "2"]
+    run = FaultRun("dasheng_hf.embedding.embed", argv, tmp_path / "log", "embed-part-written:2")
+    pgid = run.process.pid  # the child made its own group
+    status = run.stop_at("embed-part-written", signum, group=group)
+    text = run.text()
+    name = signal.Signals(signum).name
+    assert status == 130 and f"dasheng-embed: interrupted ({name}); the parts written so far are kept" in text
+    assert "Traceback" not in text and "Exception ignored" not in text and "Error" not in text, text[-3000:]
+    deadline = time.monotonic() + 10
+    while _group_alive(pgid) and time.monotonic() < deadline:  # the workers ended with the main process
+        time.sleep(0.05)
+    assert not _group_alive(pgid)
+    assert len(list((output / "parts").glob("*.json"))) == 2 and not (output / "info.json").exists()
+    assert not list(output.rglob("*.partial-*")) and not (output / ".dasheng-run.lock").exists()
+    main(argv)
+    assert_same_tables(clip_table(output), clip_table(embedded))
+    assert_same_tables(frame_table(output), frame_table(embedded))
+
+
+def test_a_worker_killed_mid_run_is_one_line(model_dir, audio_dir, tmp_path):
+    from fault_injection import FaultRun
+
+    output = tmp_path / "worker"
+    argv = [str(audio_dir), "--model", str(model_dir), "--output-dir", str(output), *ARGUMENTS]
+    # The main process waits 2 s at the fault point, then finds the worker gone when it asks for the next batch.
+    run = FaultRun(
+        "dasheng_hf.embedding.embed", argv, tmp_path / "log", "embed-part-written:1", DASHENG_FAULT_PAUSE="2"
+    )
+    assert run.wait_for("DASHENG_FAULT_POINT embed-part-written ")
+    pid = run.process.pid
+    workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(workers) == 1
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    status = run.finish()
+    text = run.text()
+    assert status == 1 and "dasheng-embed: error: a decoding worker died (DataLoader worker" in text, text[-3000:]
+    assert "--num-workers" in text and "Traceback" not in text
