@@ -193,6 +193,28 @@ def _embeddings(options: EvalOptions, clips: AudioClips, state: Any) -> tuple[np
     return embeddings, skipped, from_cache
 
 
+def _fold_warnings(
+    name: str, clips: AudioClips, train: np.ndarray, test: np.ndarray, options: EvalOptions
+) -> list[str]:
+    """What makes a fold's result mean less than it seems: classes it never trains on, a k above its training set."""
+    warnings = []
+    if clips.multi_label:
+        unseen = np.flatnonzero(clips.labels[test].any(0) & ~clips.labels[train].any(0))
+    else:
+        unseen = np.setdiff1d(np.unique(clips.labels[test]), np.unique(clips.labels[train]))
+    if len(unseen):
+        names = ", ".join(str(clips.label_names[index]) for index in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        warnings.append(
+            f"Fold {name}: {len(unseen)} class(es) of its test clips never occur in its training clips ({names}); "
+            f"no head can predict them, and the metrics count them as missed."
+        )
+    if options.head == "knn" and options.k > len(train):
+        warnings.append(
+            f"Fold {name}: --k {options.k} is more than its {len(train)} training clips; each query votes over all."
+        )
+    return warnings
+
+
 def run_evaluation(
     options: EvalOptions, load_clips: Callable[[], AudioClips] | None = None, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -246,6 +268,9 @@ def run_evaluation(
         if not len(test) or not len(train):
             raise LinearProbeError(f"Fold {name} leaves no usable clips to {'test' if train.size else 'train'} on.")
         fold_dir = output_dir / f"fold{name}"
+        if state.is_main_process:
+            for warning in _fold_warnings(name, clips, train, test, options):
+                logger.warning(warning)
         if options.head == "knn":
             fold_scores = knn_scores(embeddings[train], clips.labels[train], embeddings[test], k=options.k)
         elif options.head in ("linear", "mlp"):

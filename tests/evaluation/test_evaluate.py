@@ -107,6 +107,28 @@ def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, cap
     assert len([entry for entry in history if "loss" in entry]) == 20  # the per-step logs went to a file
 
 
+def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(
+    model_dir, cache_dir, tmp_path, caplog
+):
+    """Fold 1 has only four classes (one to four), one clip each: fold 2, tested, has six classes it never trains on."""
+    files = fsdd_subset(takes=range(2), speakers=("george",))
+    rows = [[path, DIGITS[int(path.stem[0])], 1 + int(path.stem.split("_")[2])] for path in files]
+    rows = [row for row in rows if row[1] != "nine" or row[2] == 2]  # "nine" only in fold 2
+    rows = [row for row in rows if row[2] == 2 or row[1] in ("one", "two", "three", "four")]
+    table = tmp_path / "list.csv"
+    table.write_text("filename,word,fold\n" + "".join(f"{p},{w},{f}\n" for p, w, f in rows))
+    arguments = ["--dataset", str(table), "--label-column", "word", "--fold-column", "fold", "--head", "knn"]
+    metrics = evaluate(model_dir, cache_dir, tmp_path / "out", *arguments)
+    check_single_label(tmp_path / "out", metrics)
+    err = caplog.text  # on the console: one stderr line each
+    assert "Fold 2: --k 10 is more than its 4 training clips; each query votes over all." in err
+    unseen = (
+        "Fold 2: 6 class(es) of its test clips never occur in its training clips (eight, five, nine, seven, six, ...)"
+    )
+    assert unseen in err
+    assert "Fold 1:" not in err  # it trains on fold 2's 10 clips, every class it tests among them
+
+
 def test_csv_with_given_splits_and_an_mlp(model_dir, cache_dir, tmp_path):
     files = fsdd_subset(takes=range(6))
     table = tmp_path / "list.csv"
