@@ -107,9 +107,7 @@ def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, cap
     assert len([entry for entry in history if "loss" in entry]) == 20  # the per-step logs went to a file
 
 
-def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(
-    model_dir, cache_dir, tmp_path, caplog
-):
+def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(model_dir, cache_dir, tmp_path, caplog):
     """Fold 1 has only four classes (one to four), one clip each: fold 2, tested, has six classes it never trains on."""
     files = fsdd_subset(takes=range(2), speakers=("george",))
     rows = [[path, DIGITS[int(path.stem[0])], 1 + int(path.stem.split("_")[2])] for path in files]
