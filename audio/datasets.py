@@ -52,6 +52,8 @@ step). For evaluation, build the dataset with `split_across_processes=False` and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -347,6 +349,20 @@ class DashengAudioPart:
         self.number, self._units = number, units
         self.num_clips = None if any(isinstance(unit, TarShard) for unit in units) else len(units)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what the part reads (absolute file and shard paths, dataset rows): it changes when files are
+        added, removed or renamed in its sources, not when a file's content changes."""
+        digest = hashlib.sha256()
+        for unit in self._units:
+            if isinstance(unit, AudioRecord):
+                identity = ["file", os.path.abspath(unit.path) if unit.path else unit.origin, unit.key]
+            elif isinstance(unit, TarShard):
+                identity = ["shard", os.path.abspath(unit.path)]
+            else:
+                identity = ["row", unit.source, unit.index]
+            digest.update(json.dumps(identity).encode() + b"\n")
+        return digest.hexdigest()
+
     def records(self) -> Iterator[AudioRecord | DashengAudioError]:
         """The part's clips in order; a sample that cannot be read comes as the error that names it."""
         for unit in self._units:
@@ -363,18 +379,24 @@ class DashengAudioPart:
 
 
 def audio_parts(
-    sources: Any, clips_per_part: int, audio_column: str = "audio", split: str = "train", file_column: str = "filename"
+    sources: Any,
+    clips_per_part: int,
+    audio_column: str = "audio",
+    split: str = "train",
+    file_column: str = "filename",
+    audio_root: str | None = None,
 ) -> list[DashengAudioPart]:
     """
     The clips of `sources` (see the module docstring) cut into [`DashengAudioPart`]s: consecutive files or dataset
     rows by `clips_per_part`, each tar shard a part of its own. The same sources always give the same parts.
-    `file_column` names the file column of CSV/TSV lists.
+    `file_column` names the file column of CSV/TSV lists, `audio_root` the folder their relative paths start from
+    (default: the list's folder).
     """
     if clips_per_part < 1:
         raise DashengAudioError(f"clips_per_part must be at least 1, got {clips_per_part}.")
     parts: list[DashengAudioPart] = []
     pending: list[Any] = []
-    for unit in resolve_sources(sources, audio_column, split, file_column):
+    for unit in resolve_sources(sources, audio_column, split, file_column, audio_root):
         if isinstance(unit, TarShard) or len(pending) == clips_per_part:
             if pending:
                 parts.append(DashengAudioPart(len(parts), pending))

@@ -147,7 +147,10 @@ def read_file_list(
         else:
             normal = os.path.normpath(filename)
             if normal == ".." or normal.startswith(".." + os.sep) or normal.startswith("../"):
-                raise DashengAudioError(f"{where}: the path leads outside {root}; list files inside it, without '..'.")
+                raise DashengAudioError(
+                    f"{where}: the path leads outside {root}; list files inside it without '..', give absolute paths, "
+                    f"or name the folder the paths start from (--audio-root)."
+                )
             full = str(root / normal)
         labels = {name: value for index, (name, value) in enumerate(zip(header, row)) if index != column}
         records.append(AudioRecord(key=filename, origin=where, path=full, labels=labels or None))
@@ -200,15 +203,44 @@ class TarShard:
         return AudioRecord(key=key, origin=origin, data=parts[audio], labels=labels)
 
 
-class _DatasetRow:
-    """Row `index` of a `datasets.Dataset` whose audio column is not decoded (`{"bytes", "path"}`)."""
+def _class_label_columns(features: Any) -> dict[str, tuple[Any, bool]]:
+    """The columns of `features` holding `ClassLabel` indices, or lists of them: `{column: (ClassLabel, is_list)}`."""
+    import datasets
 
-    def __init__(self, dataset: Any, index: int, audio_column: str, source: str):
+    found = {}
+    for column, feature in features.items():
+        inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+        if isinstance(feature, datasets.ClassLabel):
+            found[column] = (feature, False)
+        elif isinstance(inner, datasets.ClassLabel):
+            found[column] = (inner, True)
+    return found
+
+
+def _class_names(value: Any, label: Any, is_list: bool) -> Any:
+    """`ClassLabel` indices as their names (-1, "no label", as None)."""
+    if is_list:
+        return [label.int2str(int(item)) for item in value if item is not None and int(item) >= 0]
+    return None if value is None or int(value) < 0 else label.int2str(int(value))
+
+
+class _DatasetRow:
+    """
+    Row `index` of a `datasets.Dataset` whose audio column is not decoded (`{"bytes", "path"}`); `ClassLabel` columns
+    (`class_labels`, from [`_class_label_columns`]) become their names.
+    """
+
+    def __init__(
+        self, dataset: Any, index: int, audio_column: str, source: str, class_labels: dict[str, tuple[Any, bool]]
+    ):
         self.dataset, self.index, self.audio_column, self.source = dataset, index, audio_column, source
+        self.class_labels = class_labels
 
     def records(self) -> Iterator[AudioRecord]:
         row = self.dataset[self.index]
         audio = row.pop(self.audio_column)
+        for column, (label, is_list) in self.class_labels.items():
+            row[column] = _class_names(row[column], label, is_list)
         origin = f"{self.source}[{self.index}]" + (f" ({audio.get('path')})" if audio.get("path") else "")
         key = audio.get("path") or str(self.index)
         if audio.get("bytes") is not None:
@@ -239,11 +271,13 @@ def _load_datasets_source(source: Any, audio_column: str, split: str) -> list[_D
     source = source.cast_column(audio_column, datasets.Audio(decode=False))
     if len(source) == 0:
         raise DashengAudioError(f"{name}: the dataset has no rows.")
-    return [_DatasetRow(source, index, audio_column, str(name or "dataset")) for index in range(len(source))]
+    class_labels = _class_label_columns(source.features)
+    name = str(name or "dataset")
+    return [_DatasetRow(source, index, audio_column, name, class_labels) for index in range(len(source))]
 
 
 def _resolve(
-    source: Any, audio_column: str, split: str, file_column: str
+    source: Any, audio_column: str, split: str, file_column: str, audio_root: str | None
 ) -> list[AudioRecord | TarShard | _DatasetRow]:
     """The units (files, shards, dataset rows) of one source; [`DashengAudioError`] if it matches nothing."""
     if not isinstance(source, (str, os.PathLike)):
@@ -276,7 +310,7 @@ def _resolve(
     if local.is_file() and local.suffix[1:].lower() in AUDIO_EXTENSIONS:
         return [AudioRecord(key=local.name, origin=str(local), path=str(local))]
     if local.is_file():
-        return read_file_list(local, filename_column=file_column)
+        return read_file_list(local, audio_root=audio_root, filename_column=file_column)
     if glob.has_magic(text) or "{" in text:
         return [AudioRecord(key=path, origin=path, path=path) for path in expand_pattern(text)]
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
@@ -298,13 +332,13 @@ def _unpublished_check(shards: list[TarShard]) -> list[TarShard]:
 
 
 def resolve_sources(
-    sources: Any, audio_column: str, split: str, file_column: str = "filename"
+    sources: Any, audio_column: str, split: str, file_column: str = "filename", audio_root: str | None = None
 ) -> list[AudioRecord | TarShard | _DatasetRow]:
     if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, Sequence):
         sources = [sources]
     if not sources:
         raise DashengAudioError("No audio source given.")
-    return [unit for source in sources for unit in _resolve(source, audio_column, split, file_column)]
+    return [unit for source in sources for unit in _resolve(source, audio_column, split, file_column, audio_root)]
 
 
 def unit_records(unit: AudioRecord | TarShard | _DatasetRow) -> Iterator[AudioRecord | DashengAudioError]:

@@ -103,7 +103,7 @@ def check_resources(
 
     Args:
         resources: what the command needs.
-        advice: what to pass instead, appended to the message (for example the converter's command).
+        advice: what to pass instead of a missing model, appended to the message (for example the converter's command).
         timeout: seconds to wait for the Hub per request.
         cache_dir: the Hugging Face cache the command reads (`cache_dir=` of `from_pretrained`), if not the default.
     """
@@ -131,7 +131,8 @@ def check_resources(
     listed = "; ".join(f"{r.flag} {r.reference!r} {problem}" for r, problem in problems.items())
     if all(problem.startswith("does not exist") for problem in problems.values()):
         raise DashengPreflightError(f"{listed}.")
-    fix = "pass a local folder or file instead" + (f" ({advice})" if advice else "")
+    models = any(resource.kind == "model" for resource in problems)  # the advice is about models
+    fix = "pass a local folder or file instead" + (f" ({advice})" if advice and models else "")
     raise DashengPreflightError(f"{listed}. To run without the Hub, {fix}.")
 
 

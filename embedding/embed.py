@@ -11,6 +11,7 @@ Sources are anything the data layer reads (`audio/datasets.py`): folders, CSV/TS
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--clips-per-part", type=int, default=1000, help="Clips per Parquet part (default 1000).")
     parser.add_argument("--file-column", default="filename", help="File column of CSV/TSV lists (default filename).")
+    parser.add_argument(
+        "--audio-root", help="Folder the relative paths of CSV/TSV lists start from (default: the list's folder)."
+    )
     parser.add_argument("--audio-column", default="audio", help="Audio column of a datasets source.")
     parser.add_argument("--split", default="train", help="Split of a datasets source (default train).")
     parser.add_argument("--device", help="Default: this process's GPU if any, else the CPU.")
@@ -153,13 +157,46 @@ def _layers(requested: list[int] | str | None, num_layers: int) -> list[int] | N
     return [layer % num_layers for layer in layers]
 
 
+def _normalised(text: str) -> str:
+    """A local path as its real absolute path (`dir/`, `./dir` and `dir` agree, from any folder); else the text."""
+    path = Path(text).expanduser()
+    return os.path.realpath(path) if path.exists() else text
+
+
+def _device(requested: str | None, local_rank: int) -> str:
+    """`--device`, checked before anything is written; by default this process's GPU if any, else the CPU."""
+    import torch
+
+    if requested is None:
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DashengPreflightError(f"--device {requested!r} is no device: pass cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise DashengPreflightError(f"--device {requested}: this machine has {count} CUDA GPU(s); pass --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DashengPreflightError(f"--device {requested}: MPS is not available here; pass --device cpu.")
+    return requested
+
+
 def _settings(arguments: argparse.Namespace, fingerprint: str, num_parts: int, layers: list[int] | None) -> dict:
     """What the embeddings are made with: a rerun into the same folder must match (`store.check_settings`)."""
     return {
-        "model": arguments.model,
+        "model": _normalised(arguments.model),
         "weights_sha256": fingerprint,
-        "sources": [str(source) for source in arguments.sources],
-        **({"file_column": arguments.file_column} if arguments.file_column != "filename" else {}),
+        "sources": [_normalised(str(source)) for source in arguments.sources],
+        **{  # recorded when they differ from the defaults (folders made before they existed stay resumable)
+            key: value
+            for key, value, default in (
+                ("file_column", arguments.file_column, "filename"),
+                ("audio_root", arguments.audio_root and _normalised(arguments.audio_root), None),
+                ("audio_column", arguments.audio_column, "audio"),
+                ("split", arguments.split, "train"),
+            )
+            if value != default
+        },
         "num_parts": num_parts,
         "clips_per_part": arguments.clips_per_part,
         "layers": layers,
@@ -170,7 +207,13 @@ def _settings(arguments: argparse.Namespace, fingerprint: str, num_parts: int, l
 
 
 def _embed_parts(
-    arguments: argparse.Namespace, parts: list, model: Any, feature_extractor: Any, layers: list[int] | None, rank: int
+    arguments: argparse.Namespace,
+    parts: list,
+    model: Any,
+    feature_extractor: Any,
+    layers: list[int] | None,
+    rank: int,
+    device: str,
 ) -> float:
     """Embed `parts` and write them; returns the seconds the loop took (reading, features, model, writing)."""
     import torch
@@ -181,8 +224,6 @@ def _embed_parts(
     from .store import PartWriter
 
     output_dir = Path(arguments.output_dir).expanduser()
-    _, _, local_rank = _distributed()
-    device = arguments.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if arguments.bf16 and torch.device(device).type == "cpu" and rank == 0:
         warning = warn_if_bf16_is_emulated("--bf16")
         if warning:
@@ -192,6 +233,7 @@ def _embed_parts(
     # Workers form the batches (frames of 10 ms); small ones on a CPU start the model early.
     stream = DashengFeatureStream(parts, feature_extractor, model.config.chunk_num_tokens * 4, int(batch_seconds * 100))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(arguments.num_workers, len(parts)))
+    fingerprints = {part.number: part.fingerprint() for part in parts}
     writers: dict[int, PartWriter] = {}
     clips: dict[int, dict[int, dict[str, Any]]] = {}  # per part: the clips whose segments are still coming
     total = sum(part.num_clips or 0 for part in parts) if all(part.num_clips for part in parts) else None
@@ -203,26 +245,31 @@ def _embed_parts(
         for batch in batches:
             number = batch["part"]
             if number not in writers:
-                writers[number] = PartWriter(output_dir, number, layers, arguments.frames, arguments.float16)
+                writers[number] = PartWriter(
+                    output_dir, number, layers, arguments.frames, arguments.float16, fingerprints[number]
+                )
                 clips[number] = {}
             writer = writers[number]
+            done = 0  # clips skipped or finished with this batch
             for event in batch["events"]:
                 if event["kind"] == "skipped":
                     writer.skip(event)
+                    done += 1
                     if arguments.verbose:
                         bar.write(f"skipped {event['reason']}")
                 else:
                     clips[number][event["index"]] = writer.start_clip(event)
-                    seconds += event["duration"]
             if batch["lengths"]:
                 outputs = embedder.forward(batch["features"].split(batch["lengths"], dim=-1))
                 for owner, output in zip(batch["owners"], outputs):
-                    writer.add_segment(clips[number][owner], output)
+                    if writer.add_segment(clips[number][owner], output):
+                        seconds += clips[number].pop(owner)["item"]["duration"]
+                        done += 1
             if batch["last"]:
                 writer.finish()
                 del writers[number], clips[number]
                 fault_point("embed-part-written")
-            bar.update(len(batch["events"]))
+            bar.update(done)
             rate = seconds / 3600 / (time.perf_counter() - started)
             bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {rate:.3g} audio-h/s", refresh=False)
     finally:
@@ -234,41 +281,75 @@ def _embed_parts(
     return time.perf_counter() - started
 
 
+class _StoppedWithRankZero(DashengPreflightError):
+    """Another process of a torchrun run: rank 0 found a problem and says what it is; this one ends quietly."""
+
+
+def _prepare_folder(output_dir: Path, settings: dict[str, Any], parts: list, rank: int, world_size: int) -> Any:
+    """
+    On rank 0: own the folder (lock), check the settings and that the written parts match the sources. Every process
+    learns the outcome, so that all of them stop together when rank 0 refuses. Returns the lock to release.
+    """
+    import torch
+
+    from ..jobs.lock import DashengLockError, DashengOutputLock
+    from .store import EmbeddingStoreError, check_part_sources, check_settings
+
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = DashengOutputLock(output_dir, "dasheng-embed").acquire()
+            check_settings(output_dir, settings)
+            check_part_sources(output_dir, {part.number: part.fingerprint() for part in parts})
+        except (DashengLockError, EmbeddingStoreError) as error:
+            problem = error
+    if world_size > 1:
+        shared = [None if problem is None else str(problem)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and rank != 0:
+            raise _StoppedWithRankZero(shared[0])
+    if problem is not None:
+        if lock is not None:
+            lock.release()
+        raise problem
+    return lock
+
+
 def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
     """Embed `arguments.sources` as the command line says; returns the index (`info.json`) on rank 0."""
-    import contextlib
-    import json
-
     import torch
 
     from ..audio.datasets import DashengFileListColumnError, audio_parts
-    from ..jobs.lock import DashengOutputLock
     from .extract import FRAME_RATE, weights_fingerprint
-    from .store import check_settings, done_parts, remove_stale_partials, write_index
+    from .store import done_parts, remove_stale_partials, write_index
 
     started = time.perf_counter()
-    rank, world_size, _ = _distributed()
+    rank, world_size, local_rank = _distributed()
+    device = _device(arguments.device, local_rank)
     output_dir = Path(arguments.output_dir).expanduser()
     model, feature_extractor = _load_model(arguments.model)
     layers = _layers(arguments.layers, model.config.num_hidden_layers + 1)
     try:
         parts = audio_parts(
-            arguments.sources, arguments.clips_per_part, arguments.audio_column, arguments.split, arguments.file_column
+            arguments.sources,
+            arguments.clips_per_part,
+            arguments.audio_column,
+            arguments.split,
+            arguments.file_column,
+            arguments.audio_root,
         )
     except DashengFileListColumnError as error:
         raise DashengPreflightError(f"{error} Name the file column with --file-column.") from None
     settings = _settings(arguments, weights_fingerprint(model), len(parts), layers)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if rank == 0:  # one run per folder; the other processes of this run start once rank 0 owns it
-            stack.enter_context(DashengOutputLock(output_dir, "dasheng-embed"))
-            check_settings(output_dir, settings)
-        if world_size > 1:
-            torch.distributed.barrier()
+    lock = _prepare_folder(output_dir, settings, parts, rank, world_size)
+    try:
         finished = done_parts(output_dir)
         mine = [part for part in parts if part.number % world_size == rank and part.number not in finished]
         remove_stale_partials(output_dir, [part.number for part in mine])
-        loop_seconds = _embed_parts(arguments, mine, model, feature_extractor, layers, rank) if mine else 0.0
+        loop_seconds = 0.0
+        if mine:
+            loop_seconds = _embed_parts(arguments, mine, model, feature_extractor, layers, rank, device)
         if world_size > 1:
             torch.distributed.barrier()
         info = None
@@ -277,38 +358,46 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
             if len(finished) == len(parts) and index.is_file():  # a finished folder: its index stays as it is
                 info = json.loads(index.read_text())
             else:
-                info = write_index(
-                    output_dir,
-                    len(parts),
-                    {
-                        **settings,
-                        "hidden_size": model.config.hidden_size,
-                        "frame_rate": FRAME_RATE,
-                        "frame_time": "centre of token i: 0.04 * i + 0.015 s",
-                        "num_processes": world_size,
-                        "embedding_seconds": loop_seconds,  # rank 0's: reading, features and model, not loading
-                    },
-                )
-            _report(info, output_dir, resumed=len(finished), elapsed=time.perf_counter() - started)
+                extra = {
+                    "hidden_size": model.config.hidden_size,
+                    "frame_rate": FRAME_RATE,
+                    "frame_time": "centre of token i: 0.04 * i + 0.015 s",
+                    "num_processes": world_size,
+                    "embedding_seconds": loop_seconds,  # rank 0's: reading, features and model, not loading
+                }
+                info = write_index(output_dir, len(parts), {**settings, **extra})
+            _report(info, output_dir, finished, elapsed=time.perf_counter() - started)
+    finally:
+        if lock is not None:
+            lock.release()
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return info
 
 
-def _report(info: dict[str, Any], output_dir: Path, resumed: int, elapsed: float) -> None:
-    """The result line: what the folder holds, and what this run did."""
-    holds = f"{info['num_clips']} clips ({info['audio_hours']:.3f} h of audio)"
+def _report(info: dict[str, Any], output_dir: Path, finished: set[int], elapsed: float) -> None:
+    """The result line: what this run embedded and what the folder holds; an error if it holds no clip at all."""
+    if info["num_clips"] == 0:
+        first = info["skipped"][0]["reason"] if info["skipped"] else "the sources hold no clips"
+        raise DashengPreflightError(
+            f"none of the {info['num_skipped']} clips could be used (all are named in {output_dir / 'info.json'}), "
+            f"e.g. {first}"
+        )
     skipped = f"skipped {info['num_skipped']}" + (
         f" (named in {output_dir / 'info.json'})" if info["num_skipped"] else ""
     )
-    if resumed == info["num_parts"]:
-        line = f"Nothing to do: {output_dir} already holds all {resumed} parts, {holds}; {skipped}."
-    else:
-        line = f"Embedded {holds} in {elapsed:.1f} s; {skipped}. Written to {output_dir}."
-        if resumed:
-            line += f" ({resumed} of {info['num_parts']} parts were already written and kept.)"
-    print(line, flush=True)
+    holds = f"{info['num_clips']} clips ({info['audio_hours']:.3f} h of audio)"
+    if len(finished) == info["num_parts"]:
+        print(f"Nothing to do: {output_dir} already holds all {len(finished)} parts, {holds}; {skipped}.", flush=True)
+        return
+    records = [json.loads(path.read_text()) for path in (output_dir / "parts").glob("part-*.json")]
+    new = [record for record in records if record["part"] not in finished]
+    clips, hours = sum(record["clips"] for record in new), sum(record["seconds"] for record in new) / 3600
+    line = f"Embedded {clips} clips ({hours:.3f} h of audio) in {elapsed:.1f} s; {skipped}. Written to {output_dir}"
+    if finished:
+        line += f": {holds} in all, {len(finished)} of its {info['num_parts']} parts from an earlier run"
+    print(line + ".", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -324,21 +413,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_resources(_hub_resources(arguments), advice=CONVERT_ADVICE)
         with interrupts_raise(), new_output_folder(Path(arguments.output_dir).expanduser(), remove_partial=False):
             run_embed(arguments)
+    except _StoppedWithRankZero:
+        sys.exit(2)
     except (DashengPreflightError, DashengLockError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except DashengInterrupted as error:
         parser.exit(130, f"{parser.prog}: interrupted ({error.signal_name}); {kept}.\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted (SIGINT); {kept}.\n")
-    except RuntimeError as error:  # a decoding worker killed (out of memory, or a signal sent to it alone)
-        if "DataLoader worker" not in str(error):
+    except OSError as error:  # a full disk, a folder that turned read-only
+        where = f" ({error.filename})" if error.filename else ""
+        parser.exit(1, f"{parser.prog}: error: cannot write{where}: {error.strerror or error}; {kept}.\n")
+    except RuntimeError as error:  # a decoding worker killed; another process of a torchrun run failing
+        first = str(error).strip().splitlines()[0].strip().rstrip(".") if str(error).strip() else type(error).__name__
+        if "DataLoader worker" in first:
+            advice = "if memory ran out, pass a smaller --num-workers or --batch-seconds"
+            message = f"a decoding worker died ({first}); {advice}"
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            message = f"process {os.environ.get('RANK')} stopped ({first}): another process of this run failed first"
+        else:
             raise
-        what = str(error).splitlines()[0].strip().rstrip(".")
-        parser.exit(
-            1,
-            f"{parser.prog}: error: a decoding worker died ({what}); if memory ran out, pass a smaller --num-workers "
-            f"or --batch-seconds; {kept}.\n",
-        )
+        parser.exit(1, f"{parser.prog}: error: {message}; {kept}.\n")
 
 
 if __name__ == "__main__":

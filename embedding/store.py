@@ -28,10 +28,12 @@ from .extract import SegmentOutput, frame_times
 __all__ = [
     "EmbeddingStoreError",
     "PartWriter",
+    "check_part_sources",
     "check_settings",
     "done_parts",
     "read_clip_table",
     "remove_stale_partials",
+    "unify_clip_columns",
     "write_index",
 ]
 
@@ -65,9 +67,10 @@ def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
             raise EmbeddingStoreError(f"{path} is damaged ({error}); pass another --output-dir.") from error
         differences = sorted(key for key in set(stored) | set(settings) if stored.get(key) != settings.get(key))
         if differences:
+            shown = "; ".join(f"{key}: {stored.get(key)!r} there, {settings.get(key)!r} now" for key in differences)
             raise EmbeddingStoreError(
-                f"{output_dir} holds embeddings made with other settings ({', '.join(differences)} differ); resume "
-                f"with the same command, or pass another --output-dir."
+                f"{output_dir} holds embeddings made with other settings ({shown}); resume with the same settings, or "
+                f"pass another --output-dir."
             )
         return
     _atomic_write_text(path, json.dumps(settings, indent=1))
@@ -76,6 +79,18 @@ def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
 def done_parts(output_dir: Path) -> set[int]:
     """The parts whose completion record exists (written whole, after their Parquet files)."""
     return {int(path.stem.split("-")[1]) for path in (output_dir / "parts").glob("part-*.json")}
+
+
+def check_part_sources(output_dir: Path, fingerprints: dict[int, str]) -> None:
+    """Refuse to resume when a written part's sources changed since (files added, removed or renamed)."""
+    for number in sorted(done_parts(output_dir)):
+        record = json.loads((output_dir / "parts" / f"{_part_name(number)}.json").read_text())
+        if "sources" in record and record["sources"] != fingerprints.get(number):
+            raise EmbeddingStoreError(
+                f"{output_dir}: the sources changed since its part {number} was written (files added, removed or "
+                f"renamed), so its parts no longer match them; to embed the files as they are now, pass another "
+                f"--output-dir."
+            )
 
 
 def remove_stale_partials(output_dir: Path, parts: Sequence[int]) -> None:
@@ -103,12 +118,22 @@ class PartWriter:
         layers: The layer indices kept (column `layer_<i>` each), or None.
         frames: Write the frames file.
         float16: Store embeddings as float16 (float32 otherwise).
+        sources: The part's fingerprint (`DashengAudioPart.fingerprint`), kept in its record.
     """
 
-    def __init__(self, output_dir: Path, number: int, layers: Sequence[int] | None, frames: bool, float16: bool):
+    def __init__(
+        self,
+        output_dir: Path,
+        number: int,
+        layers: Sequence[int] | None,
+        frames: bool,
+        float16: bool,
+        sources: str | None = None,
+    ):
         import pyarrow as pa
 
         self.output_dir, self.number, self.layers, self.float16 = output_dir, number, layers, float16
+        self.sources = sources
         self.value_type = pa.float16() if float16 else pa.float32()
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
@@ -129,8 +154,8 @@ class PartWriter:
         """A clip (an event of `DashengFeatureStream`) whose segments follow: the state to pass to [`add_segment`]."""
         return {"item": item, "tokens": 0, "sum": None, "layer_sums": None, "remaining": item["num_segments"]}
 
-    def add_segment(self, clip: dict[str, Any], output: SegmentOutput) -> None:
-        """The next segment of `clip` (in order); the clip's row is complete after its last segment."""
+    def add_segment(self, clip: dict[str, Any], output: SegmentOutput) -> bool:
+        """The next segment of `clip` (in order); True once it was the last, and the clip's row is complete."""
         if self._frames_partial is not None and output.num_tokens:
             self._write_frames(clip, output)
         clip["tokens"] += output.num_tokens
@@ -141,6 +166,7 @@ class PartWriter:
         clip["remaining"] -= 1
         if clip["remaining"] == 0:
             self._finish_clip(clip)
+        return clip["remaining"] == 0
 
     def _write_frames(self, clip: dict[str, Any], output: SegmentOutput) -> None:
         import pyarrow as pa
@@ -173,6 +199,25 @@ class PartWriter:
         """A clip that could not be used: named in the part's record."""
         self.skipped.append({"file": item["file"], "reason": item["reason"]})
 
+    def _clip_columns(self) -> dict[str, Any]:
+        """file, key, duration, the label columns (strings, or lists of strings), embedding, layer_<i>."""
+        import pyarrow as pa
+
+        fixed = {"file", "key", "duration", "embedding"}
+        labels = dict.fromkeys(n for row in self.rows for n in row if n not in fixed and not n.startswith("layer_"))
+        columns = {
+            "file": pa.array([row["file"] for row in self.rows], type=pa.string()),
+            "key": pa.array([row["key"] for row in self.rows], type=pa.string()),
+            "duration": pa.array([row["duration"] for row in self.rows], type=pa.float64()),
+        }
+        for label in labels:  # a clip without the column (a source with other labels) has none
+            values = [row.get(label) for row in self.rows]
+            is_list = any(isinstance(value, list) for value in values)
+            columns[label] = pa.array(values, type=pa.list_(pa.string()) if is_list else pa.string())
+        for name in ("embedding", *(f"layer_{layer}" for layer in self.layers or [])):
+            columns[name] = self._column(np.stack([row[name] for row in self.rows]))
+        return columns
+
     def abort(self) -> None:
         """An interrupted part: its temporary frames file is removed (its final files were never written)."""
         if self._frames_writer is not None:
@@ -192,17 +237,7 @@ class PartWriter:
             os.replace(self._frames_partial, self.output_dir / "frames" / f"{name}.parquet")
         if self.rows:
             (self.output_dir / "clips").mkdir(exist_ok=True)
-            columns: dict[str, Any] = {}
-            for column in self.rows[0]:
-                values = [row.get(column) for row in self.rows]
-                columns[column] = self._column(np.stack(values)) if isinstance(values[0], np.ndarray) else values
-            labels = [name for name in columns if name not in {"file", "key", "duration", "embedding"}]
-            extra = [name for row in self.rows for name in row if name not in columns]
-            if extra:
-                raise EmbeddingStoreError(f"Part {self.number}: clips with other label columns ({extra[:3]}).")
-            table = pa.table(
-                {name: columns[name] for name in ("file", "key", "duration", *labels, "embedding") if name in columns}
-            )
+            table = pa.table(self._clip_columns())
             partial = self.output_dir / "clips" / f"{name}.parquet.partial-{os.getpid()}"
             try:
                 pq.write_table(table, partial)
@@ -210,13 +245,52 @@ class PartWriter:
             finally:
                 partial.unlink(missing_ok=True)
         record = {"part": self.number, "clips": len(self.rows), "seconds": self.seconds, "skipped": self.skipped}
+        if self.sources is not None:
+            record["sources"] = self.sources
         (self.output_dir / "parts").mkdir(exist_ok=True)
         _atomic_write_text(self.output_dir / "parts" / f"{name}.json", json.dumps(record))
         return record
 
 
+def unify_clip_columns(output_dir: Path) -> None:
+    """
+    Give every clips part the same columns in the same order, so that readers see one table: label columns that some
+    parts lack (sources with other labels) are added to them, empty. Each rewritten part is replaced atomically.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = sorted((output_dir / "clips").glob("part-*.parquet"))
+    schemas = {path: pq.read_schema(path) for path in paths}
+    fields: dict[str, Any] = {}
+    for schema in schemas.values():
+        for field in schema:
+            if fields.setdefault(field.name, field).type != field.type:
+                raise EmbeddingStoreError(
+                    f"{output_dir}: label column {field.name!r} holds single labels in some parts and lists in others; "
+                    f"give it one form in every source (or rename one), then embed into another --output-dir."
+                )
+    fixed = ["file", "key", "duration"]
+    embeddings = [name for name in fields if name == "embedding" or name.startswith("layer_")]
+    order = fixed + [name for name in fields if name not in fixed and name not in embeddings] + embeddings
+    for path, schema in schemas.items():
+        if schema.names == order:
+            continue
+        table = pq.read_table(path)
+        for name in order:
+            if name not in table.column_names:
+                table = table.append_column(fields[name], pa.nulls(len(table), type=fields[name].type))
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        try:
+            pq.write_table(table.select(order), partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
 def write_index(output_dir: Path, num_parts: int, info: dict[str, Any]) -> dict[str, Any]:
     """Gather the parts' records into `info.json` (written last, atomically) and return it."""
+    unify_clip_columns(output_dir)
     records = [json.loads((output_dir / "parts" / f"{_part_name(n)}.json").read_text()) for n in range(num_parts)]
     skipped = [entry for record in records for entry in record["skipped"]]
     info = {

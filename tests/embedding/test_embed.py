@@ -123,7 +123,8 @@ def test_float16_storage_and_a_rerun_with_other_settings_is_refused(model_dir, a
     with pytest.raises(SystemExit) as exit_info:
         main([str(audio_dir), "--model", str(model_dir), "--output-dir", str(output), "--layers", "-1"])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "other settings (dtype, layers differ)" in error and "Traceback" not in error
+    expected = "other settings (dtype: 'float16' there, 'float32' now; layers: None there, [2] now); resume with"
+    assert exit_info.value.code == 2 and expected in error and "Traceback" not in error
 
 
 def run_command(command: list[str], **kwargs) -> subprocess.Popen:
@@ -151,7 +152,8 @@ def test_a_resumed_run_after_a_kill_equals_an_uninterrupted_one(model_dir, audio
     assert not list(output.rglob("*.partial-*"))
     assert_same_tables(clip_table(output), clip_table(embedded))
     assert_same_tables(frame_table(output), frame_table(embedded))
-    assert "Embedded 13 clips" in stdout and "skipped 1" in stdout
+    assert "Embedded 10 clips" in stdout and "skipped 1" in stdout  # the first part's 3 were written before
+    assert ": 13 clips (0.057 h of audio) in all, 1 of its 5 parts from an earlier run." in stdout
 
 
 def test_two_processes_write_the_same_set_as_one(model_dir, audio_dir, embedded, tmp_path):
@@ -198,14 +200,27 @@ def test_tar_shards_and_datasets_sources_carry_their_labels(model_dir, tmp_path)
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
     saved = tmp_path / "saved"
-    features = datasets.Features({"audio": datasets.Audio(), "digit": datasets.ClassLabel(names=list("0123456789"))})
-    table = {"audio": [str(path) for path in files[2:]], "digit": [int(path.stem[0]) for path in files[2:]]}
+    words = "zero one two three four five six seven eight nine".split()
+    features = datasets.Features(
+        {
+            "audio": datasets.Audio(),
+            "digit": datasets.ClassLabel(names=words),
+            "tags": datasets.Sequence(datasets.ClassLabel(names=["male", "speech"])),
+        }
+    )
+    table = {
+        "audio": [str(path) for path in files[2:]],
+        "digit": [int(path.stem[0]) for path in files[2:]],
+        "tags": [[1, 0], []],
+    }
     datasets.Dataset.from_dict(table, features=features).save_to_disk(str(saved))
     output = tmp_path / "out"
     main([str(shard), str(saved), "--model", str(model_dir), "--output-dir", str(output), "--num-workers", "2"])
     clips = pd.read_parquet(output / "clips")
     assert clips.key.tolist() == [path.stem for path in files[:2]] + [path.name for path in files[2:]]
-    assert clips.digit.tolist() == ["7", "7", files[2].stem[0], files[3].stem[0]]
+    # ClassLabel columns as their names, lists of them as lists of names (the shard's .json as it is)
+    assert clips.digit.tolist() == ["7", "7", words[int(files[2].stem[0])], words[int(files[3].stem[0])]]
+    assert [None if tags is None else list(tags) for tags in clips.tags] == [None, None, ["speech", "male"], []]
     model = DashengModel.from_pretrained(model_dir).eval()
     extractor = DashengFeatureExtractor.from_pretrained(model_dir)
     with torch.no_grad():

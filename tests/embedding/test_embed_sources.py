@@ -1,0 +1,137 @@
+"""`dasheng-embed` when sources and settings change between runs, and on inputs that cannot give any embedding."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from dasheng_hf import DashengModel
+from dasheng_hf.embedding.embed import main
+from helpers import fsdd_files, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-dasheng")
+    DashengModel(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+def link_files(folder: Path, files: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        (folder / Path(path).name).symlink_to(path)
+    return folder
+
+
+def embed(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the command in-process: (exit status, stdout, stderr)."""
+    try:
+        main(list(argv))
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def one_line(text: str) -> str:
+    """The lines a person sees, progress bars aside."""
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip() and "Embedding" not in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_changed_sources_are_refused_and_the_same_ones_spelled_otherwise_are_not(model_dir, tmp_path, capsys):
+    folder = link_files(tmp_path / "audio", fsdd_files()[:6])
+    output = tmp_path / "out"
+    common = ["--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2", "--num-workers", "0"]
+    assert embed(capsys, str(folder), *common)[0] == 0
+    # The same folder as `audio/` and from another working directory, the model as `tiny/`: nothing to do.
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        status, out, _ = embed(capsys, "audio/", *common[:1], f"{model_dir}/", *common[2:])
+    finally:
+        os.chdir(cwd)
+    assert status == 0 and "Nothing to do" in out
+    # A file renamed: the part that held it no longer matches, even though the number of parts is the same.
+    (folder / Path(fsdd_files()[0]).name).rename(folder / "zz.wav")
+    status, _, err = embed(capsys, str(folder), *common)
+    assert status == 2 and "the sources changed since its part 0 was written" in one_line(err)
+    # Another split of a datasets source is another setting.
+    (folder / "zz.wav").rename(folder / Path(fsdd_files()[0]).name)
+    status, _, err = embed(capsys, str(folder), *common, "--split", "test")
+    assert status == 2 and "split: None there, 'test' now" in one_line(err)
+
+
+def test_sources_with_other_label_columns_give_one_table_in_either_order(model_dir, tmp_path, capsys):
+    import datasets
+
+    plain = link_files(tmp_path / "plain", fsdd_files()[:2])
+    for path in fsdd_files()[2:4]:
+        link_files(tmp_path / "classes" / Path(path).stem[0], [path])
+    for order in ((plain, tmp_path / "classes"), (tmp_path / "classes", plain)):
+        output = tmp_path / f"out-{order[0].name}"
+        argv = [*map(str, order), "--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2"]
+        assert embed(capsys, *argv)[0] == 0
+        table = datasets.load_dataset("parquet", data_files=str(output / "clips" / "*.parquet"), split="train")
+        assert table.column_names == ["file", "key", "duration", "label", "embedding"]
+        labels = dict(zip(map(os.path.basename, table["file"]), table["label"]))
+        assert labels == {Path(p).name: (Path(p).stem[0] if i >= 2 else None) for i, p in enumerate(fsdd_files()[:4])}
+        assert len(pd.read_parquet(output / "clips").columns) == 5
+
+
+def test_a_file_list_whose_paths_start_elsewhere_takes_audio_root(model_dir, tmp_path, capsys):
+    files = fsdd_files()[:2]
+    (tmp_path / "meta").mkdir()
+    listing = tmp_path / "meta" / "list.csv"
+    listing.write_text("filename,digit\n" + "".join(f"{Path(p).name},{Path(p).stem[0]}\n" for p in files))
+    output = tmp_path / "out"
+    status, _, err = embed(capsys, str(listing), "--model", str(model_dir), "--output-dir", str(output))
+    line = one_line(err)  # every file is missing under meta/: nothing was embedded
+    assert status == 2 and "none of the 2 clips could be used" in line and "0_george_0.wav" in line
+    argv = [str(listing), "--model", str(model_dir), "--output-dir", str(tmp_path / "rooted")]
+    status, out, _ = embed(capsys, *argv, "--audio-root", str(Path(files[0]).parent))
+    assert status == 0 and "Embedded 2 clips" in out
+    listing.write_text("filename\n../x.wav\n")
+    status, _, err = embed(capsys, str(listing), "--model", str(model_dir), "--output-dir", str(tmp_path / "up"))
+    assert status == 2 and "give absolute paths, or name the folder the paths start from (--audio-root)" in err
+
+
+def test_a_device_that_is_not_there_is_one_line_before_anything_is_written(model_dir, tmp_path, capsys):
+    folder = link_files(tmp_path / "audio", fsdd_files()[:1])
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a machine without one)
+    for device, message in ((missing, "CUDA GPU(s); pass --device cpu"), ("toaster", "is no device")):
+        output = tmp_path / device
+        argv = [str(folder), "--model", str(model_dir), "--output-dir", str(output), "--device", device]
+        status, _, err = embed(capsys, *argv)
+        assert status == 2 and message in one_line(err) and not output.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(model_dir, tmp_path, capsys, monkeypatch):
+    from dasheng_hf.embedding import store
+
+    folder = link_files(tmp_path / "audio", fsdd_files()[:3])
+    output = tmp_path / "out"
+
+    def no_space(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1")  # a partial file, as a write cut short leaves
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+
+    monkeypatch.setattr("pyarrow.parquet.write_table", no_space)
+    status, _, err = embed(capsys, str(folder), "--model", str(model_dir), "--output-dir", str(output))
+    line = one_line(err)
+    assert status == 1 and "cannot write" in line and "No space left on device" in line and "resumes" in line
+    assert not list(output.rglob("*.partial-*")) and not (output / ".dasheng-run.lock").exists()
+    assert store.done_parts(output) == set()
+    monkeypatch.undo()
+    status, out, _ = embed(capsys, str(folder), "--model", str(model_dir), "--output-dir", str(output))
+    assert status == 0 and "Embedded 3 clips" in out
+    assert json.loads((output / "info.json").read_text())["num_clips"] == 3
