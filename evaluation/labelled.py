@@ -94,11 +94,22 @@ def _encode_labels(values: Sequence[Any], separator: str | None, names: list[str
             targets[row, [index[label] for label in labels]] = 1.0
         return targets, classes
     if names is not None and all(isinstance(value, (int, np.integer)) for value in values):
+        _at_least_two_classes([names[value] for value in values])
         return np.asarray(values, dtype=np.int64), list(names)  # ClassLabel indices with their names
     text = [str(value).strip() for value in values]
+    _at_least_two_classes(text)
     classes = sorted(set(text), key=lambda name: (len(name), name) if name.isdigit() else (1 << 30, name))
     index = {name: position for position, name in enumerate(classes)}
     return np.array([index[name] for name in text], dtype=np.int64), classes
+
+
+def _at_least_two_classes(labels: Sequence[str]) -> None:
+    """A single-label task needs two classes: with one, every head scores perfectly and the result means nothing."""
+    if len(set(labels)) < 2:
+        raise LinearProbeError(
+            f"All {len(labels)} clips have the same label ({labels[0]!r}), so there is nothing to classify; name "
+            f"the column that holds the classes with --label-column."
+        )
 
 
 def _splits(values: Sequence[Any], where: Sequence[str], column: str) -> np.ndarray:

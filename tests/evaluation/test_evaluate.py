@@ -212,6 +212,20 @@ def test_embeddings_from_dasheng_embed(model_dir, tmp_path):
     check_single_label(output, metrics, {path.name for path in files})
 
 
+def test_a_label_column_with_one_class_is_one_clear_error(model_dir, tmp_path, capsys):
+    files = fsdd_subset(takes=range(2), speakers=("george",))
+    table = tmp_path / "list.csv"
+    table.write_text("filename,speaker,digit\n" + "".join(f"{p},george,{p.stem[0]}\n" for p in files))
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["--model", str(model_dir), "--dataset", str(table), "--label-column", "speaker", "--head", "knn"]
+            + ["--output-dir", str(tmp_path / "o")]
+        )
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "All 20 clips have the same label ('george')" in error
+    assert "--label-column" in error and "Traceback" not in error and not (tmp_path / "o").exists()
+
+
 def test_a_file_listed_twice_is_one_clear_error(model_dir, tmp_path, capsys):
     files = fsdd_subset(takes=range(2))
     table = tmp_path / "list.csv"
