@@ -350,16 +350,17 @@ class DashengAudioPart:
         self.num_clips = None if any(isinstance(unit, TarShard) for unit in units) else len(units)
 
     def fingerprint(self) -> str:
-        """SHA-256 of what the part reads (absolute file and shard paths, dataset rows): it changes when files are
-        added, removed or renamed in its sources, not when a file's content changes."""
+        """SHA-256 of what the part reads (real file and shard paths, dataset rows): it changes when files are added,
+        removed or renamed in its sources, not when a file's content changes."""
         digest = hashlib.sha256()
         for unit in self._units:
             if isinstance(unit, AudioRecord):
-                identity = ["file", os.path.abspath(unit.path) if unit.path else unit.origin, unit.key]
+                identity = ["file", os.path.realpath(unit.path) if unit.path else unit.origin, unit.key]
             elif isinstance(unit, TarShard):
-                identity = ["shard", os.path.abspath(unit.path)]
+                identity = ["shard", os.path.realpath(unit.path)]
             else:
-                identity = ["row", unit.source, unit.index]
+                where = os.path.expanduser(unit.source)
+                identity = ["row", os.path.realpath(where) if os.path.exists(where) else unit.source, unit.index]
             digest.update(json.dumps(identity).encode() + b"\n")
         return digest.hexdigest()
 

@@ -173,6 +173,10 @@ def _device(requested: str | None, local_rank: int) -> str:
         device = torch.device(requested)
     except RuntimeError:
         raise DashengPreflightError(f"--device {requested!r} is no device: pass cpu, cuda, cuda:N or mps.") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise DashengPreflightError(f"--device {requested}: dasheng-embed runs on cpu, cuda, mps or xpu devices.")
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise DashengPreflightError(f"--device {requested}: no XPU is available here; pass --device cpu.")
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise DashengPreflightError(f"--device {requested}: this machine has {count} CUDA GPU(s); pass --device cpu.")
@@ -181,22 +185,28 @@ def _device(requested: str | None, local_rank: int) -> str:
     return requested
 
 
+SETTING_DEFAULTS = {"file_column": "filename", "audio_root": None, "audio_column": "audio", "split": "train"}
+
+
+def _stored_setting(key: str, value: Any) -> Any:
+    """A setting as an earlier run stored it, in today's form (paths as real paths, resolved from here)."""
+    if key in ("model", "audio_root") and isinstance(value, str):
+        return _normalised(value)
+    if key == "sources" and isinstance(value, list):
+        return [_normalised(str(source)) for source in value]
+    return value
+
+
 def _settings(arguments: argparse.Namespace, fingerprint: str, num_parts: int, layers: list[int] | None) -> dict:
     """What the embeddings are made with: a rerun into the same folder must match (`store.check_settings`)."""
     return {
         "model": _normalised(arguments.model),
         "weights_sha256": fingerprint,
         "sources": [_normalised(str(source)) for source in arguments.sources],
-        **{  # recorded when they differ from the defaults (folders made before they existed stay resumable)
-            key: value
-            for key, value, default in (
-                ("file_column", arguments.file_column, "filename"),
-                ("audio_root", arguments.audio_root and _normalised(arguments.audio_root), None),
-                ("audio_column", arguments.audio_column, "audio"),
-                ("split", arguments.split, "train"),
-            )
-            if value != default
-        },
+        "file_column": arguments.file_column,
+        "audio_root": arguments.audio_root and _normalised(arguments.audio_root),
+        "audio_column": arguments.audio_column,
+        "split": arguments.split,
         "num_parts": num_parts,
         "clips_per_part": arguments.clips_per_part,
         "layers": layers,
@@ -299,8 +309,14 @@ def _prepare_folder(output_dir: Path, settings: dict[str, Any], parts: list, ran
     if rank == 0:
         try:
             lock = DashengOutputLock(output_dir, "dasheng-embed").acquire()
-            check_settings(output_dir, settings)
-            check_part_sources(output_dir, {part.number: part.fingerprint() for part in parts})
+            check_settings(output_dir, settings, SETTING_DEFAULTS, _stored_setting)
+            unchecked = check_part_sources(output_dir, {part.number: part.fingerprint() for part in parts})
+            if unchecked:
+                print(
+                    f"dasheng-embed: warning: {unchecked} written part(s) of {output_dir} keep no record of their "
+                    f"files (an earlier version wrote them), so they cannot be checked against the sources.",
+                    file=sys.stderr,
+                )
         except (DashengLockError, EmbeddingStoreError) as error:
             problem = error
     if world_size > 1:
@@ -321,7 +337,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
 
     from ..audio.datasets import DashengFileListColumnError, audio_parts
     from .extract import FRAME_RATE, weights_fingerprint
-    from .store import done_parts, remove_stale_partials, write_index
+    from .store import clear_unused, done_parts, remove_stale_partials, write_index
 
     started = time.perf_counter()
     rank, world_size, local_rank = _distributed()
@@ -366,6 +382,8 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
                     "embedding_seconds": loop_seconds,  # rank 0's: reading, features and model, not loading
                 }
                 info = write_index(output_dir, len(parts), {**settings, **extra})
+            if info["num_clips"] == 0:
+                clear_unused(output_dir)  # nothing worth keeping: a corrected rerun starts afresh
             _report(info, output_dir, finished, elapsed=time.perf_counter() - started)
     finally:
         if lock is not None:
@@ -380,10 +398,7 @@ def _report(info: dict[str, Any], output_dir: Path, finished: set[int], elapsed:
     """The result line: what this run embedded and what the folder holds; an error if it holds no clip at all."""
     if info["num_clips"] == 0:
         first = info["skipped"][0]["reason"] if info["skipped"] else "the sources hold no clips"
-        raise DashengPreflightError(
-            f"none of the {info['num_skipped']} clips could be used (all are named in {output_dir / 'info.json'}), "
-            f"e.g. {first}"
-        )
+        raise DashengPreflightError(f"none of the {info['num_skipped']} clips could be used, e.g. {first}")
     skipped = f"skipped {info['num_skipped']}" + (
         f" (named in {output_dir / 'info.json'})" if info["num_skipped"] else ""
     )

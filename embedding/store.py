@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "PartWriter",
     "check_part_sources",
     "check_settings",
+    "clear_unused",
     "done_parts",
     "read_clip_table",
     "remove_stale_partials",
@@ -57,14 +58,26 @@ def _part_name(number: int) -> str:
     return f"part-{number:05d}"
 
 
-def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
-    """Record `settings` in a new output folder, or check that an existing one was made with the same."""
+def check_settings(
+    output_dir: Path,
+    settings: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    normalise: Callable[[str, Any], Any] | None = None,
+) -> None:
+    """
+    Record `settings` in a new output folder, or check that an existing one was made with the same. A setting the
+    stored file lacks (written before it existed) counts as its value in `defaults`; `normalise(key, value)` puts
+    stored values in today's form (paths as real paths) before they are compared.
+    """
     path = output_dir / "settings.json"
     if path.exists():
         try:
             stored = json.loads(path.read_text())
         except ValueError as error:
             raise EmbeddingStoreError(f"{path} is damaged ({error}); pass another --output-dir.") from error
+        stored = {**(defaults or {}), **stored}
+        if normalise is not None:
+            stored = {key: normalise(key, value) for key, value in stored.items()}
         differences = sorted(key for key in set(stored) | set(settings) if stored.get(key) != settings.get(key))
         if differences:
             shown = "; ".join(f"{key}: {stored.get(key)!r} there, {settings.get(key)!r} now" for key in differences)
@@ -76,21 +89,40 @@ def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
     _atomic_write_text(path, json.dumps(settings, indent=1))
 
 
+def clear_unused(output_dir: Path) -> None:
+    """Remove what a run that could use no clip wrote (settings, records, index), so that a corrected rerun starts
+    afresh; the folder holds no embeddings."""
+    for name in ("info.json", "settings.json"):
+        (output_dir / name).unlink(missing_ok=True)
+    for folder in ("parts", "clips", "frames"):
+        if (output_dir / folder).is_dir():
+            for path in (output_dir / folder).iterdir():
+                path.unlink()
+            (output_dir / folder).rmdir()
+
+
 def done_parts(output_dir: Path) -> set[int]:
     """The parts whose completion record exists (written whole, after their Parquet files)."""
     return {int(path.stem.split("-")[1]) for path in (output_dir / "parts").glob("part-*.json")}
 
 
-def check_part_sources(output_dir: Path, fingerprints: dict[int, str]) -> None:
-    """Refuse to resume when a written part's sources changed since (files added, removed or renamed)."""
+def check_part_sources(output_dir: Path, fingerprints: dict[int, str]) -> int:
+    """
+    Refuse to resume when a written part's sources changed since (files added, removed or renamed). Returns how many
+    written parts could not be checked (written by a version that kept no record of their files).
+    """
+    unchecked = 0
     for number in sorted(done_parts(output_dir)):
         record = json.loads((output_dir / "parts" / f"{_part_name(number)}.json").read_text())
-        if "sources" in record and record["sources"] != fingerprints.get(number):
+        if "sources" not in record:
+            unchecked += 1
+        elif record["sources"] != fingerprints.get(number):
             raise EmbeddingStoreError(
                 f"{output_dir}: the sources changed since its part {number} was written (files added, removed or "
                 f"renamed), so its parts no longer match them; to embed the files as they are now, pass another "
                 f"--output-dir."
             )
+    return unchecked
 
 
 def remove_stale_partials(output_dir: Path, parts: Sequence[int]) -> None:
@@ -212,8 +244,11 @@ class PartWriter:
         }
         for label in labels:  # a clip without the column (a source with other labels) has none
             values = [row.get(label) for row in self.rows]
-            is_list = any(isinstance(value, list) for value in values)
-            columns[label] = pa.array(values, type=pa.list_(pa.string()) if is_list else pa.string())
+            if any(isinstance(value, list) for value in values):  # lists somewhere: a single label is a list of one
+                values = [[value] if isinstance(value, str) else value for value in values]
+                columns[label] = pa.array(values, type=pa.list_(pa.string()))
+            else:
+                columns[label] = pa.array(values, type=pa.string())
         for name in ("embedding", *(f"layer_{layer}" for layer in self.layers or [])):
             columns[name] = self._column(np.stack([row[name] for row in self.rows]))
         return columns
@@ -265,21 +300,22 @@ def unify_clip_columns(output_dir: Path) -> None:
     fields: dict[str, Any] = {}
     for schema in schemas.values():
         for field in schema:
-            if fields.setdefault(field.name, field).type != field.type:
-                raise EmbeddingStoreError(
-                    f"{output_dir}: label column {field.name!r} holds single labels in some parts and lists in others; "
-                    f"give it one form in every source (or rename one), then embed into another --output-dir."
-                )
+            if fields.setdefault(field.name, field).type != field.type:  # labels single here, lists there: lists
+                fields[field.name] = pa.field(field.name, pa.list_(pa.string()))
     fixed = ["file", "key", "duration"]
     embeddings = [name for name in fields if name == "embedding" or name.startswith("layer_")]
     order = fixed + [name for name in fields if name not in fixed and name not in embeddings] + embeddings
     for path, schema in schemas.items():
-        if schema.names == order:
+        if schema.names == order and all(schema.field(name).type == fields[name].type for name in order):
             continue
         table = pq.read_table(path)
         for name in order:
             if name not in table.column_names:
                 table = table.append_column(fields[name], pa.nulls(len(table), type=fields[name].type))
+            elif table.schema.field(name).type != fields[name].type:  # single labels as lists of one
+                values = [None if value is None else [value] for value in table[name].to_pylist()]
+                column = pa.array(values, type=fields[name].type)
+                table = table.set_column(table.column_names.index(name), fields[name], column)
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         try:
             pq.write_table(table.select(order), partial)

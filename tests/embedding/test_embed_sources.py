@@ -68,7 +68,10 @@ def test_changed_sources_are_refused_and_the_same_ones_spelled_otherwise_are_not
     # Another split of a datasets source is another setting.
     (folder / "zz.wav").rename(folder / Path(fsdd_files()[0]).name)
     status, _, err = embed(capsys, str(folder), *common, "--split", "test")
-    assert status == 2 and "split: None there, 'test' now" in one_line(err)
+    assert status == 2 and "split: 'train' there, 'test' now" in one_line(err)
+    # A folder reached through a link is the same source.
+    (tmp_path / "linked").symlink_to(folder)
+    assert embed(capsys, str(tmp_path / "linked"), *common)[0] == 0
 
 
 def test_sources_with_other_label_columns_give_one_table_in_either_order(model_dir, tmp_path, capsys):
@@ -88,6 +91,26 @@ def test_sources_with_other_label_columns_give_one_table_in_either_order(model_d
         assert len(pd.read_parquet(output / "clips").columns) == 5
 
 
+def test_a_label_column_of_single_labels_in_one_source_and_lists_in_another_holds_lists(model_dir, tmp_path, capsys):
+    import datasets
+
+    for path in fsdd_files()[:2]:
+        link_files(tmp_path / "classes" / Path(path).stem[0], [path])
+    saved = tmp_path / "saved"
+    features = datasets.Features(
+        {"audio": datasets.Audio(), "label": datasets.Sequence(datasets.ClassLabel(names=["a", "b"]))}
+    )
+    table = {"audio": fsdd_files()[2:4], "label": [[0, 1], [1]]}
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(saved))
+    for clips_per_part in ("100", "2"):  # both in one part, and each source in parts of its own
+        output = tmp_path / f"out-{clips_per_part}"
+        argv = [str(tmp_path / "classes"), str(saved), "--model", str(model_dir), "--output-dir", str(output)]
+        assert embed(capsys, *argv, "--clips-per-part", clips_per_part)[0] == 0
+        clips = datasets.load_dataset("parquet", data_files=str(output / "clips" / "*.parquet"), split="train")
+        digits = [[Path(path).stem[0]] for path in fsdd_files()[:2]]  # the class folders' single labels, as lists
+        assert clips["label"] == [*digits, ["a", "b"], ["b"]]
+
+
 def test_a_file_list_whose_paths_start_elsewhere_takes_audio_root(model_dir, tmp_path, capsys):
     files = fsdd_files()[:2]
     (tmp_path / "meta").mkdir()
@@ -95,8 +118,9 @@ def test_a_file_list_whose_paths_start_elsewhere_takes_audio_root(model_dir, tmp
     listing.write_text("filename,digit\n" + "".join(f"{Path(p).name},{Path(p).stem[0]}\n" for p in files))
     output = tmp_path / "out"
     status, _, err = embed(capsys, str(listing), "--model", str(model_dir), "--output-dir", str(output))
-    line = one_line(err)  # every file is missing under meta/: nothing was embedded
+    line = one_line(err)  # every file is missing under meta/: nothing was embedded, and nothing is kept
     assert status == 2 and "none of the 2 clips could be used" in line and "0_george_0.wav" in line
+    assert not output.exists()
     argv = [str(listing), "--model", str(model_dir), "--output-dir", str(tmp_path / "rooted")]
     status, out, _ = embed(capsys, *argv, "--audio-root", str(Path(files[0]).parent))
     assert status == 0 and "Embedded 2 clips" in out
@@ -135,3 +159,30 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(model_dir, tmp_path,
     status, out, _ = embed(capsys, str(folder), "--model", str(model_dir), "--output-dir", str(output))
     assert status == 0 and "Embedded 3 clips" in out
     assert json.loads((output / "info.json").read_text())["num_clips"] == 3
+
+
+def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(model_dir, tmp_path, capsys):
+    """Before: settings held paths as typed and no file-list settings, and part records no `sources`."""
+    folder = link_files(tmp_path / "audio", fsdd_files()[:4])
+    output = tmp_path / "out"
+    common = ["--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2"]
+    assert embed(capsys, str(folder), *common)[0] == 0
+    settings = json.loads((output / "settings.json").read_text())
+    for key in ("file_column", "audio_root", "audio_column", "split"):
+        del settings[key]
+    settings["sources"] = ["audio"]  # as typed in tmp_path
+    (output / "settings.json").write_text(json.dumps(settings))
+    for record_path in (output / "parts").glob("*.json"):
+        record = json.loads(record_path.read_text())
+        del record["sources"]
+        record_path.write_text(json.dumps(record))
+    (output / "parts" / "part-00001.json").unlink()  # interrupted before its second part was recorded
+    (output / "info.json").unlink()
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        status, out, err = embed(capsys, "audio", *common)
+    finally:
+        os.chdir(cwd)
+    assert status == 0 and "Embedded 2 clips" in out
+    assert "1 written part(s) of" in err and "cannot be checked against the sources" in err
