@@ -19,6 +19,7 @@ __all__ = [
     "check_resources",
     "cpu_has_native_bf16",
     "new_output_folder",
+    "quiet_optional_kernel_logs",
     "warn_if_bf16_is_emulated",
 ]
 
@@ -192,3 +193,15 @@ def new_output_folder(path: str | os.PathLike, remove_partial: bool = True) -> I
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         raise
+
+
+def quiet_optional_kernel_logs() -> None:
+    """
+    Keep to errors the loggers of `bitsandbytes` and `kernels`: importing Transformers' Trainer with bitsandbytes
+    installed makes its CPU backend look for an optional 4-bit kernel on the Hub and print two warnings when it is not
+    there (always, offline), about a kernel these tools never use.
+    """
+    import logging
+
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -20,7 +20,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli.preflight import DashengPreflightError, HubResource, check_resources, new_output_folder
+from ..cli.preflight import (
+    DashengPreflightError,
+    HubResource,
+    check_resources,
+    new_output_folder,
+    quiet_optional_kernel_logs,
+)
 
 __all__ = ["main", "parse_folds"]
 
@@ -94,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     if arguments.k < 1:
         parser.error("--k must be at least 1.")
+    quiet_optional_kernel_logs()
     try:
         from .labelled import DatasetColumns
         from .protocol import EvalOptions, check_options, check_output_folder, run_evaluation

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli.preflight import DashengPreflightError, HubResource, check_resources, new_output_folder
+from ..cli.preflight import (
+    DashengPreflightError,
+    HubResource,
+    check_resources,
+    new_output_folder,
+    quiet_optional_kernel_logs,
+)
 from .evaluate import parse_folds
 
 __all__ = ["DEFAULT_DATASET", "ProbeOptions", "load_audio_clips", "main", "run_protocol"]
@@ -161,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     if arguments.k < 1:
         parser.error("--k must be at least 1.")
+    quiet_optional_kernel_logs()
     resources = [HubResource("--model", arguments.model), HubResource("--dataset", arguments.dataset, "dataset")]
     try:
         from .protocol import check_output_folder

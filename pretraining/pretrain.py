@@ -17,6 +17,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ..cli.preflight import quiet_optional_kernel_logs
 from ..jobs.interrupts import DashengInterrupted, interrupts_raise
 from .arguments import (
     DashengDataArguments,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(flag in ("-h", "--help") for flag in argv) and "--help-all" not in argv:
         print(short_help(PROG), end="")
         sys.exit(0)
+    quiet_optional_kernel_logs()
     try:
         with interrupts_raise():
             _parse_and_run(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,21 @@ def test_help_is_parsed_before_torch_or_transformers_are_imported(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--output-dir" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_fresh_process_prints_the_result_and_no_warnings_about_unused_kernels(model_dir, tmp_path):
+    """Trainer's import, with bitsandbytes installed (the train extra), must not print its kernel-lookup warnings."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "classes"
+    for path in fsdd_subset(takes=range(3), speakers=("george",)):
+        (root / path.stem[0]).mkdir(parents=True, exist_ok=True)
+        (root / path.stem[0] / path.name).symlink_to(path)
+    command = [sys.executable, "-m", "dasheng_hf.evaluation.evaluate", "--model", str(model_dir), "--dataset"]
+    command += [str(root), "--head", "linear", "--epochs", "2", "--output-dir", str(tmp_path / "out")]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kernels-community" not in result.stderr and "publisher trust" not in result.stderr, result.stderr
+    assert "accuracy" in result.stdout
