@@ -335,6 +335,15 @@ class DashengAudioDataset(torch.utils.data.IterableDataset):
             yield buffer[index]
 
 
+def _size_and_time(path: str | None) -> list[int | None]:
+    """A file's size in bytes and modification time in ns (None for what has no file or cannot be read)."""
+    try:
+        status = os.stat(path) if path else None
+    except OSError:
+        status = None
+    return [None, None] if status is None else [status.st_size, status.st_mtime_ns]
+
+
 class DashengAudioPart:
     """
     A run of consecutive clips of a source, read in order (for tools that write one output file per part, such as
@@ -350,14 +359,15 @@ class DashengAudioPart:
         self.num_clips = None if any(isinstance(unit, TarShard) for unit in units) else len(units)
 
     def fingerprint(self) -> str:
-        """SHA-256 of what the part reads (real file and shard paths, dataset rows): it changes when files are added,
-        removed or renamed in its sources, not when a file's content changes."""
+        """SHA-256 of what the part reads (real file and shard paths with their sizes and modification times, dataset
+        rows): it changes when files are added, removed, renamed or rewritten in its sources."""
         digest = hashlib.sha256()
         for unit in self._units:
             if isinstance(unit, AudioRecord):
-                identity = ["file", os.path.realpath(unit.path) if unit.path else unit.origin, unit.key]
+                where = os.path.realpath(unit.path) if unit.path else unit.origin
+                identity = ["file", where, unit.key, *_size_and_time(unit.path)]
             elif isinstance(unit, TarShard):
-                identity = ["shard", os.path.realpath(unit.path)]
+                identity = ["shard", os.path.realpath(unit.path), *_size_and_time(unit.path)]
             else:
                 where = os.path.expanduser(unit.source)
                 identity = ["row", os.path.realpath(where) if os.path.exists(where) else unit.source, unit.index]

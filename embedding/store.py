@@ -4,7 +4,7 @@ The on-disk layout of `dasheng-embed`'s output, written so that an interrupted r
     OUT/settings.json               what the embeddings were made with (a rerun with other settings is refused)
     OUT/clips/part-00000.parquet    one row per clip: file, key, duration, the source's label columns, embedding
                                     (and layer_<i> with --layers)
-    OUT/frames/part-00000.parquet   with --frames: one row per token (25 Hz): file, time (centre, s), embedding
+    OUT/frames/part-00000.parquet   with --frames: one row per token (25 Hz): file, key, time (centre, s), embedding
     OUT/parts/part-00000.json       a part's completion record (rows, skipped files), written last
     OUT/info.json                   the index, written once every part is done: model, weights fingerprint, counts
 
@@ -34,7 +34,7 @@ __all__ = [
     "done_parts",
     "read_clip_table",
     "remove_stale_partials",
-    "unify_clip_columns",
+    "unify_columns",
     "write_index",
 ]
 
@@ -108,8 +108,8 @@ def done_parts(output_dir: Path) -> set[int]:
 
 def check_part_sources(output_dir: Path, fingerprints: dict[int, str]) -> int:
     """
-    Refuse to resume when a written part's sources changed since (files added, removed or renamed). Returns how many
-    written parts could not be checked (written by a version that kept no record of their files).
+    Refuse to resume when a written part's sources changed since (files added, removed, renamed or rewritten).
+    Returns how many written parts could not be checked (written by a version that kept no record of their files).
     """
     unchecked = 0
     for number in sorted(done_parts(output_dir)):
@@ -118,9 +118,9 @@ def check_part_sources(output_dir: Path, fingerprints: dict[int, str]) -> int:
             unchecked += 1
         elif record["sources"] != fingerprints.get(number):
             raise EmbeddingStoreError(
-                f"{output_dir}: the sources changed since its part {number} was written (files added, removed or "
-                f"renamed), so its parts no longer match them; to embed the files as they are now, pass another "
-                f"--output-dir."
+                f"{output_dir}: the sources changed since its part {number} was written (files added, removed, "
+                f"renamed or rewritten), so its parts no longer match them; to embed the files as they are now, pass "
+                f"another --output-dir."
             )
     return unchecked
 
@@ -206,6 +206,7 @@ class PartWriter:
 
         columns = {
             "file": pa.array([clip["item"]["file"]] * output.num_tokens, type=pa.string()),
+            "key": pa.array([clip["item"]["key"]] * output.num_tokens, type=pa.string()),
             "time": pa.array(frame_times(clip["tokens"], output.num_tokens)),
             "embedding": self._column(output.tokens),
         }
@@ -287,22 +288,26 @@ class PartWriter:
         return record
 
 
-def unify_clip_columns(output_dir: Path) -> None:
+def unify_columns(output_dir: Path) -> None:
     """
-    Give every clips part the same columns in the same order, so that readers see one table: label columns that some
-    parts lack (sources with other labels) are added to them, empty. Each rewritten part is replaced atomically.
+    Give every part of a table (clips, frames) the same columns in the same order, so that readers see one table:
+    label columns that some clips parts lack (sources with other labels) and frames' `key` (absent from parts written
+    by the first version) are added to them, empty. Each rewritten part is replaced atomically.
     """
+    for folder, fixed in (("clips", ["file", "key", "duration"]), ("frames", ["file", "key", "time"])):
+        _unify_table_columns(sorted((output_dir / folder).glob("part-*.parquet")), fixed)
+
+
+def _unify_table_columns(paths: list[Path], fixed: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    paths = sorted((output_dir / "clips").glob("part-*.parquet"))
     schemas = {path: pq.read_schema(path) for path in paths}
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {"key": pa.field("key", pa.string())}
     for schema in schemas.values():
         for field in schema:
             if fields.setdefault(field.name, field).type != field.type:  # labels single here, lists there: lists
                 fields[field.name] = pa.field(field.name, pa.list_(pa.string()))
-    fixed = ["file", "key", "duration"]
     embeddings = [name for name in fields if name == "embedding" or name.startswith("layer_")]
     order = fixed + [name for name in fields if name not in fixed and name not in embeddings] + embeddings
     for path, schema in schemas.items():
@@ -326,7 +331,7 @@ def unify_clip_columns(output_dir: Path) -> None:
 
 def write_index(output_dir: Path, num_parts: int, info: dict[str, Any]) -> dict[str, Any]:
     """Gather the parts' records into `info.json` (written last, atomically) and return it."""
-    unify_clip_columns(output_dir)
+    unify_columns(output_dir)
     records = [json.loads((output_dir / "parts" / f"{_part_name(n)}.json").read_text()) for n in range(num_parts)]
     skipped = [entry for record in records for entry in record["skipped"]]
     info = {

@@ -110,7 +110,10 @@ def test_parquet_reads_back_with_datasets(embedded):
     assert len(clips) == 13 and {"file", "key", "duration", "embedding", "layer_2"} <= set(clips.column_names)
     assert len(clips[0]["embedding"]) == 64
     frames = datasets.load_dataset("parquet", data_files=str(embedded / "frames" / "*.parquet"), split="train")
-    assert len(frames) == len(frame_table(embedded)) and set(frames.column_names) >= {"file", "time", "embedding"}
+    assert len(frames) == len(frame_table(embedded))
+    assert frames.column_names == ["file", "key", "time", "embedding", "layer_0", "layer_1", "layer_2"]
+    # Frames join their clips on (file, key).
+    assert set(zip(frames["file"], frames["key"])) == set(zip(clips["file"], clips["key"]))
 
 
 def test_float16_storage_and_a_rerun_with_other_settings_is_refused(model_dir, audio_dir, embedded, tmp_path, capsys):

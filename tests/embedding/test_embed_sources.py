@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from dasheng_hf import DashengModel
@@ -65,8 +67,17 @@ def test_changed_sources_are_refused_and_the_same_ones_spelled_otherwise_are_not
     (folder / Path(fsdd_files()[0]).name).rename(folder / "zz.wav")
     status, _, err = embed(capsys, str(folder), *common)
     assert status == 2 and "the sources changed since its part 0 was written" in one_line(err)
-    # Another split of a datasets source is another setting.
     (folder / "zz.wav").rename(folder / Path(fsdd_files()[0]).name)
+    # A file rewritten under its name (another recording's samples): its part is refused; the original back, it is not.
+    rewritten = folder / Path(fsdd_files()[2]).name
+    rewritten.unlink()
+    shutil.copyfile(fsdd_files()[3], rewritten)
+    status, _, err = embed(capsys, str(folder), *common)
+    assert status == 2 and "the sources changed since its part 1 was written" in one_line(err)
+    rewritten.unlink()
+    rewritten.symlink_to(fsdd_files()[2])
+    assert "Nothing to do" in embed(capsys, str(folder), *common)[1]
+    # Another split of a datasets source is another setting.
     status, _, err = embed(capsys, str(folder), *common, "--split", "test")
     assert status == 2 and "split: 'train' there, 'test' now" in one_line(err)
     # A folder reached through a link is the same source.
@@ -162,11 +173,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(model_dir, tmp_path,
 
 
 def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(model_dir, tmp_path, capsys):
-    """Before: settings held paths as typed and no file-list settings, and part records no `sources`."""
+    """Before: settings held paths as typed and no file-list settings, part records no `sources`, frames no `key`."""
     folder = link_files(tmp_path / "audio", fsdd_files()[:4])
     output = tmp_path / "out"
-    common = ["--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2"]
+    common = ["--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2", "--frames"]
     assert embed(capsys, str(folder), *common)[0] == 0
+    old_frames = output / "frames" / "part-00000.parquet"
+    pq.write_table(pq.read_table(old_frames).drop_columns(["key"]), old_frames)
     settings = json.loads((output / "settings.json").read_text())
     for key in ("file_column", "audio_root", "audio_column", "split"):
         del settings[key]
@@ -186,3 +199,10 @@ def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(model_d
         os.chdir(cwd)
     assert status == 0 and "Embedded 2 clips" in out
     assert "1 written part(s) of" in err and "cannot be checked against the sources" in err
+    # One frames table: the old part's rows have no key, the new part's have their clips' keys.
+    frames = pd.read_parquet(output / "frames")
+    assert list(frames.columns) == ["file", "key", "time", "embedding"]
+    first, second = (pd.read_parquet(output / "clips" / f"part-0000{n}.parquet") for n in (0, 1))
+    assert set(frames.file[frames.key.isna()]) == set(first.file)
+    keyed = frames[frames.key.notna()]
+    assert set(zip(keyed.file, keyed.key)) == set(zip(second.file, second.key))
