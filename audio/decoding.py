@@ -95,6 +95,8 @@ def decode_audio(
     if not is_bytes and not os.path.isfile(source):
         reason = "does not exist" if not os.path.exists(source) else "is not a regular file"
         raise DashengAudioError(f"{name}: {reason}.")
+    if (len(source) if is_bytes else os.path.getsize(source)) == 0:
+        raise DashengAudioError(f"{name}: empty (0 bytes).")
     _check_wav_length(source, name, is_bytes)
     try:
         import soundfile
@@ -143,6 +145,14 @@ def _decode_with_torchcodec(source: Any, name: str, soundfile_error: Exception) 
         raise DashengAudioError(
             f"{name}: soundfile cannot read it ({soundfile_error}); for other formats install torchcodec and FFmpeg "
             f"(pip install torchcodec; apt-get install ffmpeg) ({error})."
+        ) from error
+    except Exception as error:  # installed but not loadable: built for another torch (OSError, RuntimeError)
+        import torch
+
+        raise DashengAudioError(
+            f"{name}: soundfile cannot read it ({soundfile_error}), and torchcodec, which reads other formats, does "
+            f"not load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); install the "
+            f"torchcodec release made for your torch {torch.__version__} (see torchcodec's compatibility table)."
         ) from error
     try:
         samples = AudioDecoder(bytes(source) if isinstance(source, memoryview) else source).get_all_samples()

@@ -80,19 +80,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flags checked before any work; each problem is one line (exit 2)."""
     import math
 
+    problem = None
+    output = Path(arguments.output_dir).expanduser()
     if arguments.num_workers < 0:
-        parser.error("--num-workers must be 0 or more.")
-    if arguments.batch_seconds is not None and not (
+        problem = "--num-workers must be 0 or more."
+    elif arguments.batch_seconds is not None and not (
         arguments.batch_seconds > 0 and math.isfinite(arguments.batch_seconds)
     ):
-        parser.error("--batch-seconds must be a positive number.")
-    if arguments.clips_per_part < 1:
-        parser.error("--clips-per-part must be at least 1.")
-    output = Path(arguments.output_dir).expanduser()
-    if output.exists() and not output.is_dir():
-        parser.error(f"--output-dir {output} is a file; pass a folder.")
+        problem = "--batch-seconds must be a positive number."
+    elif arguments.clips_per_part < 1:
+        problem = "--clips-per-part must be at least 1."
+    elif output.exists() and not output.is_dir():
+        problem = f"--output-dir {output} is a file; pass a folder."
+    if problem:
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
 
 
 def _hub_resources(arguments: argparse.Namespace) -> list[HubResource]:
@@ -404,7 +408,8 @@ def _report(info: dict[str, Any], output_dir: Path, finished: set[int], elapsed:
     )
     holds = f"{info['num_clips']} clips ({info['audio_hours']:.3f} h of audio)"
     if len(finished) == info["num_parts"]:
-        print(f"Nothing to do: {output_dir} already holds all {len(finished)} parts, {holds}; {skipped}.", flush=True)
+        parts = f"all {len(finished)} parts" if len(finished) > 1 else "its one part"
+        print(f"Nothing to do: {output_dir} already holds {parts}, {holds}; {skipped}.", flush=True)
         return
     records = [json.loads(path.read_text()) for path in (output_dir / "parts").glob("part-*.json")]
     new = [record for record in records if record["part"] not in finished]
@@ -415,40 +420,54 @@ def _report(info: dict[str, Any], output_dir: Path, finished: set[int], elapsed:
     print(line + ".", flush=True)
 
 
+def _failure(error: BaseException, interrupt: str | None) -> tuple[int, str] | None:
+    """The exit status and line for a run that ended in `error` (None: a bug, whose traceback is kept)."""
+    from ..jobs.lock import DashengLockError
+
+    kept = "the parts written so far are kept, and the same command resumes"
+    if interrupt:  # the signal also stopped the workers, and their end was seen first
+        return 130, f"interrupted ({interrupt}); {kept}."
+    if " in DataLoader worker process " in str(error):  # a worker's own failure, raised again here
+        return 1, f"error: a decoding worker failed ({str(error).strip().splitlines()[-1].strip()}); {kept}."
+    if isinstance(error, (DashengPreflightError, DashengLockError, ValueError)):
+        return 2, f"error: {error}"
+    if isinstance(error, OSError):  # a full disk, a folder that turned read-only
+        where = f" ({error.filename})" if error.filename else ""
+        return 1, f"error: cannot write{where}: {error.strerror or error}; {kept}."
+    if not isinstance(error, RuntimeError):
+        return None
+    first = str(error).strip().splitlines()[0].strip().rstrip(".") if str(error).strip() else type(error).__name__
+    if "DataLoader worker" in first:  # a decoding worker killed (out of memory)
+        advice = "if memory ran out, pass a smaller --num-workers or --batch-seconds"
+        return 1, f"error: a decoding worker died ({first}); {advice}; {kept}."
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank = os.environ.get("RANK")
+        return 1, f"error: process {rank} stopped ({first}): another process of this run failed first; {kept}."
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (`dasheng-embed`, `python -m dasheng_hf.embedding.embed`)."""
-    from ..jobs.interrupts import DashengInterrupted, interrupts_raise
-    from ..jobs.lock import DashengLockError
+    from ..jobs.interrupts import DashengInterrupted, interrupts_raise, received_interrupt
 
     parser = _parser()
     arguments = parser.parse_args(argv)
     _check(arguments, parser)
-    kept = "the parts written so far are kept, and the same command resumes"
     try:
         check_resources(_hub_resources(arguments), advice=CONVERT_ADVICE)
         with interrupts_raise(), new_output_folder(Path(arguments.output_dir).expanduser(), remove_partial=False):
             run_embed(arguments)
     except _StoppedWithRankZero:
         sys.exit(2)
-    except (DashengPreflightError, DashengLockError, ValueError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except DashengInterrupted as error:
-        parser.exit(130, f"{parser.prog}: interrupted ({error.signal_name}); {kept}.\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted (SIGINT); {kept}.\n")
-    except OSError as error:  # a full disk, a folder that turned read-only
-        where = f" ({error.filename})" if error.filename else ""
-        parser.exit(1, f"{parser.prog}: error: cannot write{where}: {error.strerror or error}; {kept}.\n")
-    except RuntimeError as error:  # a decoding worker killed; another process of a torchrun run failing
-        first = str(error).strip().splitlines()[0].strip().rstrip(".") if str(error).strip() else type(error).__name__
-        if "DataLoader worker" in first:
-            advice = "if memory ran out, pass a smaller --num-workers or --batch-seconds"
-            message = f"a decoding worker died ({first}); {advice}"
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            message = f"process {os.environ.get('RANK')} stopped ({first}): another process of this run failed first"
-        else:
+    except KeyboardInterrupt as error:
+        name = error.signal_name if isinstance(error, DashengInterrupted) else "SIGINT"
+        failure = _failure(error, name)
+        parser.exit(failure[0], f"{parser.prog}: {failure[1]}\n")
+    except Exception as error:
+        failure = _failure(error, received_interrupt())
+        if failure is None:
             raise
-        parser.exit(1, f"{parser.prog}: error: {message}; {kept}.\n")
+        parser.exit(failure[0], f"{parser.prog}: {failure[1]}\n")
 
 
 if __name__ == "__main__":

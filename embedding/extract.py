@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,8 @@ class DashengFeatureStream(torch.utils.data.IterableDataset):
                 raise DashengAudioError(f"{record.origin}: {error}") from error
         except DashengAudioError as error:
             return {"kind": "skipped", "file": file, "reason": str(error)}, []
+        except Exception as error:  # whatever else one file brings (a decoder's own failure): that file, not the run
+            return {"kind": "skipped", "file": file, "reason": f"{record.origin}: {type(error).__name__}: {error}"}, []
         values = features["input_values"][0]
         segments = list(values.split(self.segment_frames, dim=-1))
         if len(segments) > 1 and segments[-1].shape[-1] < 4:  # frames that end no token
@@ -152,6 +155,15 @@ def _quiet_worker_signals() -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    sys.excepthook = _quiet_broken_connections
+
+
+def _quiet_broken_connections(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+    """`sys.excepthook` in a worker: the thread that hands a batch's shared memory to the main process (it reports
+    through this hook) meets a closed connection when the main process stopped (an interrupt): no error of the
+    worker's, and not printed."""
+    if not issubclass(kind, (BrokenPipeError, ConnectionResetError, EOFError)):
+        sys.__excepthook__(kind, error, traceback)
 
 
 def _batch(

@@ -20,10 +20,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["INTERRUPT_SIGNALS", "DashengInterrupted", "fault_point", "finish_first", "interrupts_raise"]
+__all__ = [
+    "INTERRUPT_SIGNALS",
+    "DashengInterrupted",
+    "fault_point",
+    "finish_first",
+    "interrupts_raise",
+    "received_interrupt",
+]
 
 INTERRUPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 _pending: list[int] = []
+_received: list[int] = []  # since the last `interrupts_raise` block began
 _holding = [0]
 _arrivals: dict[str, int] = {}
 
@@ -38,6 +46,7 @@ class DashengInterrupted(KeyboardInterrupt):
 
 
 def _handler(signum: int, frame: Any) -> None:
+    _received.append(signum)
     if _holding[0]:
         _pending.append(signum)
         return
@@ -50,12 +59,40 @@ def interrupts_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    del _received[:]
     previous = {signum: signal.signal(signum, _handler) for signum in INTERRUPT_SIGNALS}
+    previous_hook = sys.unraisablehook
+
+    redeliveries: list[threading.Timer] = []
+
+    def redeliver(unraisable: Any) -> None:
+        # Raised where Python cannot raise (a finaliser, `__del__`): instead of being printed as "Exception ignored"
+        # and lost, the signal is sent again a moment later (from a thread: sent from here, it would be raised here),
+        # to stop the run at its next line.
+        if isinstance(unraisable.exc_value, DashengInterrupted):
+            timer = threading.Timer(0.02, os.kill, (os.getpid(), unraisable.exc_value.signum))
+            timer.daemon = True
+            redeliveries.append(timer)
+            timer.start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = redeliver
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
+        for timer in redeliveries:  # a block that ended first: a signal sent meanwhile still raises here
+            timer.cancel()
+            timer.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def received_interrupt() -> str | None:
+    """The name of the first interrupt signal received in the latest [`interrupts_raise`] block, or None: for a tool
+    whose run ended in another error that the interrupt caused (its worker processes, stopped by the same signal)."""
+    return signal.Signals(_received[0]).name if _received else None
 
 
 @contextlib.contextmanager

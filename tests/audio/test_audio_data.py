@@ -128,7 +128,7 @@ def test_bad_files_raise_errors_that_name_them(tmp_path):
     (tmp_path / "garbage.wav").write_bytes(os.urandom(2000))
     (tmp_path / "folder.wav").mkdir()
     cases = {
-        "empty.wav": "unreadable",
+        "empty.wav": r"empty \(0 bytes\)",
         "header_only.wav": "no audio samples",
         "nan.wav": "NaN",
         "garbage.wav": "unreadable",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,29 @@ def test_skipped_files_are_counted_once_each_over_many_epochs(tmp_path) -> None:
     for _ in range(2):  # another pass over evaluation data counts afresh after a reset
         once.reset_skipped()
         assert len(list(once)) == 6 and once.num_skipped == 3
+
+
+def test_an_empty_file_is_named_as_empty(tmp_path) -> None:
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for source in (tmp_path / "empty.wav", b""):
+        with pytest.raises(DashengAudioError, match=r"empty \(0 bytes\)\.$"):
+            decode_audio(source)
+
+
+def test_a_torchcodec_that_does_not_load_is_one_reason_for_that_file(tmp_path, monkeypatch) -> None:
+    """torchcodec built for another torch raises OSError on import: files soundfile cannot read are refused with that
+    reason, and the files it can read still decode."""
+    fake = tmp_path / "packages" / "torchcodec"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise OSError('Could not load this library: libtorchcodec_core.so')\n")
+    for name in [name for name in sys.modules if name.split(".")[0] == "torchcodec"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "packages"))
+    (tmp_path / "noise.wav").write_bytes(b"not audio at all" * 100)
+    with pytest.raises(DashengAudioError) as raised:
+        decode_audio(tmp_path / "noise.wav")
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'noise.wav'}: soundfile cannot read it")
+    assert "torchcodec, which reads other formats, does not load (OSError: Could not load this library" in message
+    assert "install the torchcodec release made for your torch" in message and "\n" not in message
+    assert len(decode_audio(fsdd_files()[0])) > 0

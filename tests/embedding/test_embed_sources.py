@@ -206,3 +206,74 @@ def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(model_d
     assert set(frames.file[frames.key.isna()]) == set(first.file)
     keyed = frames[frames.key.notna()]
     assert set(zip(keyed.file, keyed.key)) == set(zip(second.file, second.key))
+
+
+def test_a_file_that_fails_in_an_unforeseen_way_is_skipped_and_named_not_the_run(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    from dasheng_hf.audio.sources import AudioRecord
+
+    folder = link_files(tmp_path / "audio", fsdd_files()[:3])
+    doomed = Path(fsdd_files()[1]).name
+    decode = AudioRecord.decode
+
+    def failing(record, *args, **kwargs):
+        if record.origin.endswith(doomed):
+            raise MemoryError("cannot allocate 40 GiB")
+        return decode(record, *args, **kwargs)
+
+    monkeypatch.setattr(AudioRecord, "decode", failing)  # the worker (forked) has it too
+    output = tmp_path / "out"
+    argv = [str(folder), "--model", str(model_dir), "--output-dir", str(output), "--num-workers", "1"]
+    status, out, _ = embed(capsys, *argv)
+    assert status == 0 and "Embedded 2 clips" in out and "skipped 1" in out
+    (skipped,) = json.loads((output / "info.json").read_text())["skipped"]
+    assert skipped["file"].endswith(doomed) and skipped["reason"].endswith("MemoryError: cannot allocate 40 GiB")
+
+
+def test_bad_flags_are_one_line_each(model_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    folder = link_files(tmp_path / "audio", fsdd_files()[:1])
+    for flags, message in (
+        (["--output-dir", str(tmp_path / "afile")], f"--output-dir {tmp_path / 'afile'} is a file; pass a folder."),
+        (["--output-dir", str(tmp_path / "o"), "--clips-per-part", "0"], "--clips-per-part must be at least 1."),
+        (["--output-dir", str(tmp_path / "o"), "--batch-seconds", "nan"], "--batch-seconds must be a positive number."),
+    ):
+        status, _, err = embed(capsys, str(folder), "--model", str(model_dir), *flags)
+        assert status == 2 and one_line(err) == f"dasheng-embed: error: {message}"
+
+
+def test_how_a_run_that_failed_ends():
+    """The line and status for each way a run ends in an error (`embed._failure`)."""
+    from dasheng_hf.embedding.embed import _failure
+
+    kept = "the parts written so far are kept, and the same command resumes."
+    worker = OSError(
+        "Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\nOSError: Could not load this library: libtorchcodec.so'
+    )
+    died = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    assert _failure(worker, None) == (
+        1,
+        f"error: a decoding worker failed (OSError: Could not load this library: libtorchcodec.so); {kept}",
+    )
+    assert _failure(died, None)[0] == 1 and "if memory ran out, pass a smaller --num-workers" in _failure(died, None)[1]
+    # SIGTERM to the process group also ends the workers; when their end is seen before the signal's own exception.
+    assert _failure(died, "SIGTERM") == (130, f"interrupted (SIGTERM); {kept}")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/clips/part-00000.parquet.partial-1")
+    assert _failure(full, None) == (
+        1,
+        f"error: cannot write (/out/clips/part-00000.parquet.partial-1): No space left on device; {kept}",
+    )
+    assert _failure(KeyError("bug"), None) is None  # a bug keeps its traceback
+
+
+def test_a_worker_meeting_a_closed_connection_prints_nothing(capfd):
+    """The thread that shares a batch's memory with the main process reports through `sys.excepthook`."""
+    from dasheng_hf.embedding.extract import _quiet_broken_connections
+
+    for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "Connection reset by peer")):
+        _quiet_broken_connections(type(error), error, None)
+    assert capfd.readouterr().err == ""
+    _quiet_broken_connections(ValueError, ValueError("a real bug"), None)
+    assert "ValueError: a real bug" in capfd.readouterr().err
