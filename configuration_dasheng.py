@@ -303,6 +303,9 @@ class DashengConfig(PretrainedConfig):
                 del fields[key]
         # Where each value came from, for error messages.
         what = {key: key for key in arguments}
+        original = {key: kwargs.pop(key) for key in list(kwargs) if key in _ENCODER_KWARGS_TO_FIELDS}
+        if original:  # the original encoder's own names given directly: DashengConfig(embed_dim=64, depth=2)
+            self._merge_encoder_kwargs(original, fields, what)
         if encoder_kwargs is not None:
             self._merge_encoder_kwargs(encoder_kwargs, fields, what)
         for field, value in zip(
@@ -319,11 +322,8 @@ class DashengConfig(PretrainedConfig):
         if what["intermediate_size"] != "intermediate_size":  # from encoder_kwargs["mlp_ratio"]
             mlp_ratio = _number(what["intermediate_size"], mlp_ratio, 0.0, low_open=True, fix="The original uses 4.")
             fields["intermediate_size"] = int(self.hidden_size * mlp_ratio)
-        self.intermediate_size = _integer(
-            what["intermediate_size"],
-            fields.get("intermediate_size", 4 * self.hidden_size),
-            fix="Leave it out (None) for 4 * hidden_size.",
-        )
+        size, fix = fields.get("intermediate_size", 4 * self.hidden_size), "Leave it out (None) for 4 * hidden_size."
+        self.intermediate_size = _integer(what["intermediate_size"], size, fix=fix)
         if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
             raise ValueError(
                 f"hidden_act must name an activation of transformers' ACT2FN (Dasheng uses 'gelu'), got {hidden_act!r}."

@@ -232,3 +232,19 @@ def test_fields_win_over_a_disagreeing_mirror_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         DashengConfig(**written)  # a consistent mirror is silent
     assert "disagree" not in caplog.text
+
+
+def test_the_original_encoders_argument_names_given_directly_set_the_fields(tmp_path):
+    """`DashengConfig(embed_dim=64, depth=2, num_heads=4)`, as the original `dasheng` constructor is called, builds
+    that architecture (it used to be kept as unused attributes beside a dasheng-base)."""
+    config = DashengConfig(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
+    assert config.intermediate_size == 128 and dict(config.encoder_kwargs)["embed_dim"] == 64
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert not {"embed_dim", "depth", "num_heads", "mlp_ratio"} & set(written)  # only the fields and the mirror
+    assert DashengConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    # A field given as well wins (the original name fills in only what the fields leave out).
+    assert DashengConfig(hidden_size=32, embed_dim=64, num_heads=4, depth=1).hidden_size == 32
+    with pytest.raises(ValueError, match=r"num_attention_heads \(from encoder_kwargs\['num_heads'\]\) must be"):
+        DashengConfig(embed_dim=64, num_heads=0)
