@@ -251,7 +251,9 @@ def _embed_parts(
     writers: dict[int, PartWriter] = {}
     clips: dict[int, dict[int, dict[str, Any]]] = {}  # per part: the clips whose segments are still coming
     total = sum(part.num_clips or 0 for part in parts) if all(part.num_clips for part in parts) else None
-    bar = tqdm(total=total, unit="clip", desc="Embedding", disable=rank != 0, dynamic_ncols=True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    desc = "Embedding" if world_size == 1 else f"Embedding (process 0's share, of {world_size})"
+    bar = tqdm(total=total, unit="clip", desc=desc, disable=rank != 0, dynamic_ncols=True)
     seconds = 0.0
     started = time.perf_counter()
     batches = iter(loader)

@@ -175,6 +175,7 @@ def test_two_processes_write_the_same_set_as_one(model_dir, audio_dir, embedded,
     assert_same_tables(clip_table(output), clip_table(embedded))
     assert_same_tables(frame_table(output), frame_table(embedded))
     assert stdout.count("Embedded 13 clips") == 1
+    assert "Embedding (process 0's share, of 2)" in stderr  # the one bar counts rank 0's parts, and says so
 
 
 def test_offline_hub_model_fails_at_once_and_leaves_no_folder(audio_dir, tmp_path, capsys, monkeypatch):
