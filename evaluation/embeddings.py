@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as python_logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from transformers import (
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 from transformers.utils import logging
 
+from .. import modeling_dasheng
 from ..audio.datasets import SAMPLING_RATE, DashengAudioClips, DashengAudioError
 from ..feature_extraction_dasheng import DashengFeatureExtractor
 from ..modeling_dasheng import DashengForAudioClassification, DashengModel
@@ -207,28 +210,74 @@ def load_encoder(
     config_dict = read_model_config(name)
     if is_local_path(name):
         name = str(Path(name).expanduser())
-    labels = None
+    labels, remote = None, {} if _is_dasheng(config_dict) else {"trust_remote_code": trust_remote_code}
     if label_names is not None:
         id2label = dict(enumerate(label_names))
         labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
         if multi_label:
             labels["problem_type"] = "multi_label_classification"
     try:
-        if _is_dasheng(config_dict):
-            if labels is None:
-                model = DashengModel.from_pretrained(name)
-            else:
-                model = DashengForAudioClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
-            return model, _dasheng_feature_extractor(name, model)
         if labels is None:
-            model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model = (DashengModel if _is_dasheng(config_dict) else AutoModel).from_pretrained(name, **remote)
         else:
-            model = AutoModelForAudioClassification.from_pretrained(
-                name, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **labels
+            model = _classifier_with_a_fresh_head(
+                DashengForAudioClassification if _is_dasheng(config_dict) else AutoModelForAudioClassification,
+                name,
+                ignore_mismatched_sizes=True,
+                **remote,
+                **labels,
             )
+        if _is_dasheng(config_dict):
+            return model, _dasheng_feature_extractor(name, model)
         return model, AutoFeatureExtractor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as error:  # a folder without weights or without a preprocessor config
         raise LinearProbeError(f"Could not load the model {name!r}: {str(error).splitlines()[0]}") from None
+
+
+class _HeldRecords(python_logging.Filter):
+    """Holds back the log records whose message contains one of `needles`."""
+
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles, self.records = needles, []
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        if any(needle in record.getMessage() for needle in self.needles):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def _holding(loggers: Sequence[python_logging.Logger], *needles: str) -> Iterator[_HeldRecords]:
+    held = _HeldRecords(*needles)
+    for logger_ in loggers:
+        logger_.addFilter(held)
+    try:
+        yield held
+    finally:
+        for logger_ in loggers:
+            logger_.removeFilter(held)
+
+
+def _classifier_with_a_fresh_head(model_class: Any, name: str, **kwargs: Any) -> PreTrainedModel:
+    """
+    `model_class.from_pretrained(name, **kwargs)` without the load report and the missing-head warning when all that
+    is missing or re-initialised is the classification head (fine-tuning asks for a new one); any other missing,
+    unexpected or mismatched weight keeps its warnings.
+    """
+    loggers = [python_logging.getLogger("transformers.modeling_utils"), modeling_dasheng.logger]
+    with _holding(loggers, "LOAD REPORT", "holds no classification head") as held:
+        model, info = model_class.from_pretrained(name, output_loading_info=True, **kwargs)
+    prefix = f"{model.base_model_prefix}."
+    changed = [
+        *info.get("missing_keys", ()),
+        *(e if isinstance(e, str) else e[0] for e in info.get("mismatched_keys", ())),
+    ]
+    if info.get("unexpected_keys") or any(key.startswith(prefix) for key in changed):
+        for record in held.records:
+            python_logging.getLogger(record.name).handle(record)
+    return model
 
 
 def featurize(feature_extractor: FeatureExtractionMixin, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -250,10 +299,12 @@ def embed_clips(
     device: str | torch.device | None = None,
     progress: bool = True,
     skipped: dict[int, str] | None = None,
+    layer: int | None = None,
 ) -> np.ndarray:
     """
     Embed every clip whole, in order, `batch_size` at a time: the model's `pooler_output` or, lacking one, the mean
-    of `last_hidden_state`.
+    of `last_hidden_state`; with `layer`, the mean over the clip's real tokens of `hidden_states[layer]` (0 the
+    patch embeddings, i the output of block i, as `dasheng-embed --layers`).
 
     A clip that cannot be used (unreadable, empty, non-finite samples, shorter than 30 ms) is skipped with a warning
     that names it: its row is NaN and `skipped[index]` says why. A clip whose embedding is not finite raises
@@ -263,12 +314,14 @@ def embed_clips(
         `(num_clips, hidden_size)` float32 embeddings in the order of `clips`.
     """
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     skipped = {} if skipped is None else skipped
     embeddings = None
-    with tqdm(total=len(clips), desc="Embedding clips", unit="clip", disable=not progress) as bar:
+    bar = tqdm(total=len(clips), desc="Embedding clips", unit="clip", disable=not progress)
+    with logging_redirect_tqdm(), bar:  # warnings (files skipped) print above the bar, not into it
         for start in range(0, len(clips), batch_size):
             batch, waveforms = [], []
             for index in range(start, min(start + batch_size, len(clips))):
@@ -280,7 +333,7 @@ def embed_clips(
                     logger.warning(f"Skipped {error}")
             if batch:
                 names = [clips.name(index) for index in batch]
-                pooled = _checked_embeddings(model, feature_extractor, waveforms, device, names)
+                pooled = _checked_embeddings(model, feature_extractor, waveforms, device, names, layer)
                 if embeddings is None:
                     embeddings = np.full((len(clips), pooled.shape[1]), np.nan, dtype=np.float32)
                 embeddings[batch] = pooled
@@ -296,14 +349,18 @@ def _checked_embeddings(
     waveforms: list[np.ndarray],
     device: torch.device,
     names: list[str],
+    layer: int | None = None,
 ) -> np.ndarray:
     """`(batch, hidden)` finite float32 embeddings; a clip that the model refuses or turns into NaN is named."""
     try:
-        pooled = _pooled_embeddings(model, feature_extractor, waveforms, device).float().cpu().numpy()
+        pooled = _pooled_embeddings(model, feature_extractor, waveforms, device, layer).float().cpu().numpy()
     except ValueError as error:
         if len(waveforms) > 1:  # find the clip that is refused
             return np.concatenate(
-                [_checked_embeddings(model, feature_extractor, [w], device, [n]) for w, n in zip(waveforms, names)]
+                [
+                    _checked_embeddings(model, feature_extractor, [w], device, [n], layer)
+                    for w, n in zip(waveforms, names)
+                ]
             )
         raise LinearProbeError(f"{names[0]}: {error}") from error
     for row, name, waveform in zip(pooled, names, waveforms):
@@ -316,18 +373,29 @@ def _checked_embeddings(
 
 
 def _pooled_embeddings(
-    model: PreTrainedModel, feature_extractor: FeatureExtractionMixin, waveforms: list[np.ndarray], device: torch.device
+    model: PreTrainedModel,
+    feature_extractor: FeatureExtractionMixin,
+    waveforms: list[np.ndarray],
+    device: torch.device,
+    layer: int | None = None,
 ) -> torch.Tensor:
-    """`pooler_output`, or the mean of `last_hidden_state`, of a batch: `(batch, hidden)`."""
-    inputs = featurize(feature_extractor, waveforms)
-    outputs = model(**{key: value.to(device) for key, value in inputs.items()})
-    pooled = getattr(outputs, "pooler_output", None)
-    if pooled is not None:
-        return pooled
+    """`pooler_output`, or the mean of `last_hidden_state` (or of `hidden_states[layer]`), of a batch: `(batch,
+    hidden)`."""
+    inputs = {key: value.to(device) for key, value in featurize(feature_extractor, waveforms).items()}
+    outputs = model(**inputs, output_hidden_states=layer is not None)
+    if layer is None and getattr(outputs, "pooler_output", None) is not None:
+        return outputs.pooler_output
+    states = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+    if isinstance(model, DashengModel):  # the mean over each clip's real tokens, as its pooler_output
+        counts = model.num_valid_tokens(inputs.get("attention_mask"), inputs["input_values"].shape[-1]).to(device)
+        real = torch.arange(states.shape[1], device=device)[None, :] < counts[:, None]
+        return states.masked_fill(~real[..., None], 0).sum(dim=1) / counts[:, None].to(states.dtype)
     if len(waveforms) > 1 and len({len(waveform) for waveform in waveforms}) > 1:
         # A plain mean would average padding too, making a clip's embedding depend on its batch: one at a time.
-        return torch.cat([_pooled_embeddings(model, feature_extractor, [waveform], device) for waveform in waveforms])
-    return outputs.last_hidden_state.mean(dim=1)
+        return torch.cat(
+            [_pooled_embeddings(model, feature_extractor, [waveform], device, layer) for waveform in waveforms]
+        )
+    return states.mean(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------- cache
@@ -351,10 +419,11 @@ def cached_embeddings(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = True,
+    layer: int | None = None,
 ) -> tuple[np.ndarray, dict[int, str], bool]:
     """
-    Embeddings of `clips` from `cache_dir` if this model and data were embedded before, else computed and stored
-    (`KEY.npz`: the embeddings, the key and the skipped clips, written atomically).
+    Embeddings of `clips` from `cache_dir` if this model, data and `layer` were embedded before, else computed and
+    stored (`KEY.npz`: the embeddings, the key and the skipped clips, written atomically). See [`embed_clips`].
 
     Returns:
         `(embeddings, skipped, from_cache)`: see [`embed_clips`] for `embeddings` (NaN rows) and `skipped`.
@@ -363,13 +432,14 @@ def cached_embeddings(
         LinearProbeError: a cache file that is damaged or belongs to other data; the message says how to clear it.
     """
     key = f"{_CACHE_VERSION}|{_model_fingerprint(model_name, model)}|{clips.fingerprint}"
+    key += "" if layer is None else f"|layer {layer}"  # default embeddings keep the key they always had
     path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     if path.exists():
         embeddings, skipped = _read_cache(path, key, len(clips), getattr(model.config, "hidden_size", None))
         return embeddings, skipped, True
     skipped: dict[int, str] = {}
     embeddings = embed_clips(
-        model, feature_extractor, clips, batch_size=batch_size, device=device, progress=progress, skipped=skipped
+        model, feature_extractor, clips, batch_size, device, progress=progress, skipped=skipped, layer=layer
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")

@@ -8,7 +8,9 @@
 Datasets: a folder of class subfolders, a CSV/TSV file list, a `datasets` id or path, or a `dasheng-embed` output
 folder (see `labelled.py`); single-label (accuracy) or multi-label (mAP, d-prime). The protocol follows the data:
 official folds (`--fold-column`) as k-fold cross-validation, given splits (`--split-column`, split folders or a
-`DatasetDict`), else a seeded stratified split. Heads: `knn` (cosine, k = 10), `linear`, `mlp`, `finetune`.
+`DatasetDict`), else a seeded stratified split (iterative stratification for multi-label). Heads: `knn` (cosine,
+k = 10), `linear`, `mlp`, `finetune`. `--layer i` evaluates the mean of each clip's `hidden_states[i]` instead of the
+model's pooled output (of `dasheng-embed` output: its `layer_<i>` column).
 Writes `OUT/metrics.json`, `OUT/predictions.csv`, `OUT/confusion_matrix.png` or `OUT/per_class_ap.csv`, and each
 split's Trainer log `OUT/fold<name>/log_history.json`.
 """
@@ -64,14 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--fold-column", help="Fold of each clip: k-fold cross-validation over the folds.")
     data.add_argument("--split-column", help="train/validation/test of each clip: given splits.")
     data.add_argument("--audio-column", default="audio", help="Audio column of a datasets dataset (default audio).")
-    data.add_argument("--layer", type=int, help="Embeddings: use the layer_<i> column of dasheng-embed output.")
+    data.add_argument("--layer", type=int, help="Mean of hidden_states[i] (dasheng-embed output: layer_<i>).")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--protocol", default="auto", choices=("auto", "folds", "splits", "stratified"))
     protocol.add_argument("--folds", type=parse_folds, help="Held-out folds to evaluate (default all).")
     protocol.add_argument("--test-fraction", type=float, default=0.2, help="Stratified split: test share (0.2).")
     protocol.add_argument("--seed", type=int, default=0, help="Split and training seed (default 0).")
     head = parser.add_argument_group("model and head")
-    head.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or folder, any audio encoder (%(default)s).")
+    head.add_argument("--model", help=f"Hub id or folder, any audio encoder ({DEFAULT_MODEL}).")
     head.add_argument("--head", required=True, choices=("knn", "linear", "mlp", "finetune"))
     head.add_argument("--k", type=int, default=10, help="Neighbours of --head knn (default 10).")
     head.add_argument("--hidden-size", type=int, default=1024, help="Hidden units of --head mlp (default 1024).")
@@ -88,22 +90,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _resources(arguments: argparse.Namespace) -> list[HubResource]:
     resources = [HubResource("--dataset", arguments.dataset, "dataset")]
-    embedded = Path(arguments.dataset).expanduser().joinpath("info.json").is_file()
-    if not embedded:
+    if not _embedded(arguments.dataset):
         resources.insert(0, HubResource("--model", arguments.model))
     return resources
+
+
+def _embedded(dataset: str) -> bool:
+    """Whether `--dataset` is a finished `dasheng-embed` output (no model runs)."""
+    return Path(dataset).expanduser().joinpath("info.json").is_file()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (`dasheng-eval`, `python -m dasheng_hf.evaluation.evaluate`)."""
     parser = _parser()
     arguments = parser.parse_args(argv)
+    given_model, arguments.model = arguments.model, arguments.model or DEFAULT_MODEL
     if arguments.k < 1:
         parser.error("--k must be at least 1.")
     quiet_optional_kernel_logs()
     try:
-        from .labelled import DatasetColumns
-        from .protocol import EvalOptions, check_options, check_output_folder, run_evaluation
+        from .labelled import DatasetColumns, check_dataset_path
+        from .protocol import EvalOptions, check_options, check_output_folder, run_evaluation, warn_if_other_model
 
         columns = DatasetColumns(
             file=arguments.file_column,
@@ -121,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # one progress bar on the console: the embedding's
+        check_dataset_path(arguments.dataset)
         check_resources(_resources(arguments), advice=OFFLINE_ADVICE)
+        if given_model and _embedded(arguments.dataset):
+            warn_if_other_model(arguments.dataset, given_model)
         with new_output_folder(Path(options.output_dir).expanduser()):
             run_evaluation(options)
     except (DashengPreflightError, ValueError) as error:  # LinearProbeError and DashengAudioError are ValueErrors

@@ -37,6 +37,7 @@ __all__ = [
     "ESC50_DATASET",
     "SPLIT_NAMES",
     "DatasetColumns",
+    "check_dataset_path",
     "load_esc50_clips",
     "load_labelled_clips",
     "refuse_duplicate_files",
@@ -290,9 +291,29 @@ def _from_datasets(source: str, columns: DatasetColumns) -> AudioClips:
     )
 
 
+def check_dataset_path(source: str) -> None:
+    """
+    Refuse, before anything is loaded, a `--dataset` that is an unfinished `dasheng-embed` output (its folders or
+    `settings.json` but no `info.json`) or a local path that is not there: one that reads as a path, names a table
+    (`.csv`, `.tsv`, `.parquet`) or lies in an existing folder (a Hub id lies in none).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "info.json").is_file():
+        started = (path / "settings.json").is_file() or any((path / "parts").glob("part-*.json"))
+        if started or any((path / "clips").glob("part-*.parquet*")):
+            raise LinearProbeError(
+                f"{source} is an unfinished dasheng-embed output (no info.json); rerun the same dasheng-embed command "
+                f"to finish it."
+            )
+    table = path.suffix.lower() in (".csv", ".tsv", ".parquet")
+    if not path.exists() and (is_local_path(source) or table or (len(path.parts) > 1 and path.parent.is_dir())):
+        raise LinearProbeError(f"--dataset {source!r} does not exist (no such file or folder).")
+
+
 def load_labelled_clips(source: str, columns: DatasetColumns | None = None) -> AudioClips:
     """Load a labelled dataset in any layout of the module docstring; the layout is recognised from what is there."""
     columns = columns or DatasetColumns()
+    check_dataset_path(source)
     path = Path(source).expanduser()
     if path.is_file():
         return _from_file_list(path, columns)
@@ -302,8 +323,6 @@ def load_labelled_clips(source: str, columns: DatasetColumns | None = None) -> A
         return load_esc50_clips(str(path))
     if path.is_dir() and not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         return _from_class_folders(path, columns)
-    if not path.exists() and is_local_path(source):
-        raise LinearProbeError(f"--dataset {source} does not exist.")
     return _from_datasets(source, columns)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "evaluation_splits",
     "resolve_protocol",
     "run_evaluation",
+    "warn_if_other_model",
 ]
 
 logger = logging.get_logger(__name__)
@@ -106,20 +107,57 @@ def check_options(options: EvalOptions) -> None:
             raise LinearProbeError(f"{flag} must be a positive number, got {value}.")
     if not 0 < options.test_fraction < 1:
         raise LinearProbeError(f"--test-fraction must lie between 0 and 1, got {options.test_fraction}.")
+    if options.columns.layer is not None and options.head == "finetune":
+        raise LinearProbeError("--layer picks frozen embeddings, but --head finetune trains the whole model: drop one.")
 
 
 def _stratified_test(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A boolean test mask: `fraction` of each class (at least one clip of classes with two), seeded."""
+    if labels.ndim == 2:
+        return _iterative_stratification(labels > 0.5, fraction, seed)
     rng = np.random.default_rng(seed)
     test = np.zeros(len(labels), dtype=bool)
-    if labels.ndim == 2:  # multi-label: a seeded random split
-        test[rng.permutation(len(labels))[: max(1, round(fraction * len(labels)))]] = True
-        return test
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         count = round(fraction * len(members)) if len(members) > 2 else len(members) - 1
         test[members[: max(count, 1 if len(members) > 1 else 0)]] = True
     return test
+
+
+def _iterative_stratification(positive: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """
+    A boolean test mask for multi-hot `positive` `(clips, classes)` by iterative stratification (Sechidis et al.,
+    2011): the class with the fewest clips left (then the rarest) goes first, each of its clips to the side that lacks
+    the class most (then the side that lacks the most clips, then at random); clips without a class fill the room
+    left. A class of two or more clips asks for at least one on each side. Seeded.
+    """
+    rng = np.random.default_rng(seed)
+    count = positive.sum(axis=0).astype(np.float64)
+    test_share = np.where(count >= 2, np.clip(fraction * count, 1, np.maximum(count - 1, 1)), fraction * count)
+    wanted = np.stack([count - test_share, test_share])  # (train, test) positives still wanted, per class
+    room = np.array([1 - fraction, fraction]) * len(positive)  # (train, test) clips still wanted
+    side = np.full(len(positive), -1)
+    left = count.copy()  # positives not yet assigned, per class
+
+    def pick(candidates: np.ndarray) -> int:
+        candidates = candidates[room[candidates] == room[candidates].max()]
+        return int(candidates[rng.integers(len(candidates))])
+
+    while left.any():
+        fewest = np.flatnonzero(left == left[left > 0].min())
+        fewest = fewest[count[fewest] == count[fewest].min()]  # then the rarest class
+        label = fewest[rng.integers(len(fewest))]
+        for clip in rng.permutation(np.flatnonzero(positive[:, label] & (side < 0))):
+            need = wanted[:, label]
+            chosen = pick(np.flatnonzero(need == need.max()))
+            side[clip] = chosen
+            wanted[chosen, positive[clip]] -= 1
+            room[chosen] -= 1
+            left[positive[clip]] -= 1
+    for clip in rng.permutation(np.flatnonzero(side < 0)):
+        side[clip] = chosen = pick(np.arange(2))
+        room[chosen] -= 1
+    return side == 1
 
 
 def resolve_protocol(clips: AudioClips, options: EvalOptions) -> str:
@@ -160,17 +198,32 @@ def _embedding_model(folder: str) -> str:
     return f"{info.get('model')} (embeddings in {folder}, weights sha256 {str(info.get('weights_sha256'))[:12]})"
 
 
+def warn_if_other_model(folder: str, model: str) -> None:
+    """Warn when `--model`, given with a `dasheng-embed` output as `--dataset`, is not the model it was made with."""
+    import json
+
+    recorded = str(json.loads((Path(folder).expanduser() / "info.json").read_text()).get("model"))
+    path = Path(model).expanduser()
+    if (os.path.realpath(path) if path.exists() else model) != recorded:
+        logger.warning(
+            f"--model {model} is not used: {folder} holds embeddings of {recorded}, and no model runs on them; drop "
+            f"--model, or pass the audio source as --dataset to embed it with {model}."
+        )
+
+
 def _usable_clips(clips: AudioClips, progress: bool) -> dict[int, str]:
     """Decode every clip once (before fine-tuning) and return those that cannot be used, with the reason."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     skipped = {}
-    for index in tqdm(range(len(clips)), desc="Checking clips", unit="clip", disable=not progress):
-        try:
-            clips.waveform(index)
-        except DashengAudioError as error:
-            skipped[index] = str(error)
-            logger.warning(f"Skipped {error}")
+    with logging_redirect_tqdm():  # warnings print above the bar, not into it
+        for index in tqdm(range(len(clips)), desc="Checking clips", unit="clip", disable=not progress):
+            try:
+                clips.waveform(index)
+            except DashengAudioError as error:
+                skipped[index] = str(error)
+                logger.warning(f"Skipped {error}")
     return skipped
 
 
@@ -179,6 +232,12 @@ def _embeddings(options: EvalOptions, clips: AudioClips, state: Any) -> tuple[np
         return clips.embeddings, {}, None
     cache_dir = Path(options.cache_dir or default_cache_dir()).expanduser()
     model, feature_extractor = load_encoder(options.model, options.trust_remote_code)
+    layer, blocks = options.columns.layer, getattr(model.config, "num_hidden_layers", None)
+    if layer is not None and blocks is not None and not -blocks - 1 <= layer <= blocks:
+        raise LinearProbeError(
+            f"--layer {layer} is out of range: {options.model} has {blocks} blocks, so --layer takes 0 (the patch "
+            f"embeddings) to {blocks} (the last block's output), or -1 for the last."
+        )
     with state.main_process_first():  # one rank embeds and writes the cache; the others then read it
         embeddings, skipped, from_cache = cached_embeddings(
             options.model,
@@ -189,24 +248,38 @@ def _embeddings(options: EvalOptions, clips: AudioClips, state: Any) -> tuple[np
             batch_size=options.embedding_batch_size,
             device=state.device,
             progress=state.is_local_main_process,
+            layer=layer,
         )
     return embeddings, skipped, from_cache
+
+
+def _names(clips: AudioClips, indices: np.ndarray) -> str:
+    """The first five class names of `indices`, for a warning."""
+    return ", ".join(str(clips.label_names[i]) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
 
 
 def _fold_warnings(
     name: str, clips: AudioClips, train: np.ndarray, test: np.ndarray, options: EvalOptions
 ) -> list[str]:
-    """What makes a fold's result mean less than it seems: classes it never trains on, a k above its training set."""
+    """What makes a fold's result mean less than it seems: classes it never trains on, classes without a test positive
+    (multi-label: their AP is undefined and the mAP leaves them out), a k above its training set."""
     warnings = []
     if clips.multi_label:
         unseen = np.flatnonzero(clips.labels[test].any(0) & ~clips.labels[train].any(0))
+        untested = np.flatnonzero(~clips.labels[test].any(0))
+        if len(untested):
+            warnings.append(
+                f"Fold {name}: {len(untested)} class(es) have no positive among its test clips "
+                f"({_names(clips, untested)}); their AP is undefined, so its mAP averages over the other "
+                f"{clips.labels.shape[1] - len(untested)}."
+            )
     else:
         unseen = np.setdiff1d(np.unique(clips.labels[test]), np.unique(clips.labels[train]))
     if len(unseen):
-        names = ", ".join(str(clips.label_names[index]) for index in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
-        warnings.append(
-            f"Fold {name}: {len(unseen)} class(es) of its test clips never occur in its training clips ({names}); "
-            f"no head can predict them, and the metrics count them as missed."
+        warnings.insert(
+            0,
+            f"Fold {name}: {len(unseen)} class(es) of its test clips never occur in its training clips "
+            f"({_names(clips, unseen)}); no head can predict them, and the metrics count them as missed.",
         )
     if options.head == "knn" and options.k > len(train):
         warnings.append(
@@ -226,8 +299,9 @@ def run_evaluation(
     Clips that cannot be used are skipped, named in a warning and in `metrics.json` (`skipped_clips`).
 
     Returns:
-        The metrics: `accuracy` (mean over folds; single-label) or `mAP`, `auc`, `d_prime` (multi-label), per-fold
-        values under `folds`, and the run's settings and timings; `extra` is added (the preset's own keys).
+        The metrics: `accuracy` (mean over folds; single-label) or `mAP`, `auc`, `d_prime` (multi-label; each fold's
+        mAP averages over the classes with a test positive, `mAP_classes`: the fewest of any fold), per-fold values
+        under `folds`, and the run's settings and timings; `extra` is added (the preset's own keys).
     """
     from accelerate import PartialState
 
@@ -307,11 +381,12 @@ def run_evaluation(
         if clips.multi_label:
             result = multi_label_metrics(clips.labels[test], fold_scores)
             folds[name] = {key: result[key] for key in ("mAP", "auc", "d_prime")}
-            line = f"fold {name}: mAP {folds[name]['mAP']:.4f}"
+            folds[name]["mAP_classes"] = sum(value is not None for value in result["class_ap"])
+            line = f"fold {name}: mAP {folds[name]['mAP']:.4f}, d-prime {folds[name]['d_prime']:.3f}"
         else:
             folds[name] = {"accuracy": accuracy(clips.labels[test], fold_scores)}
             line = f"fold {name}: accuracy {folds[name]['accuracy']:.4f}"
-        if state.is_main_process:
+        if state.is_main_process and len(splits) > 1:  # progress; one split's result is the summary's
             print(line, flush=True)
     training_seconds = time.perf_counter() - training_started
 
@@ -319,7 +394,9 @@ def run_evaluation(
     for key in ("mAP", "auc", "d_prime") if clips.multi_label else ("accuracy",):
         values = np.array([fold[key] for fold in folds.values()])
         metrics[key], metrics[f"{key}_std"] = float(values.mean()), float(values.std())
-    if not clips.multi_label:  # the ESC-50 preset's names
+    if clips.multi_label:  # the classes with a test positive: the fold with the fewest
+        metrics["mAP_classes"] = min(fold["mAP_classes"] for fold in folds.values())
+    else:  # the ESC-50 preset's names
         metrics["accuracy_mean"] = metrics["accuracy"]
         metrics["fold_accuracies"] = {name: fold["accuracy"] for name, fold in folds.items()}
     trained = options.head != "knn"
@@ -335,6 +412,7 @@ def run_evaluation(
         "skipped_clips": [{"index": index, "reason": reason} for index, reason in sorted(skipped.items())],
         "num_labels": num_labels,
         "label_names": clips.label_names,
+        "layer": options.columns.layer,
         "epochs": epochs if trained else None,
         "learning_rate": learning_rate if trained else None,
         "batch_size": batch_size if trained else None,

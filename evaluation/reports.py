@@ -113,8 +113,10 @@ def write_results(
     fold_of: np.ndarray,
 ) -> list[str]:
     """
-    Write `metrics.json`, `predictions.csv` (every tested clip: file, fold, label(s), prediction or per-class scores)
-    and `confusion_matrix.png` (single-label) or `per_class_ap.csv` (multi-label); return the console table's lines.
+    Write `metrics.json`, `predictions.csv` (every tested clip: file, fold, label(s), prediction or the per-class
+    scores the metrics rank) and
+    `confusion_matrix.png` (single-label) or `per_class_ap.csv` (multi-label); return the console summary's lines
+    (each fold's result was printed as it came, so only the mean over folds).
     """
     names = clips.label_names
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,14 @@ def write_results(
                 )
     folds = metrics["folds"]
     lines = ["", f"{metrics['head']} on {clips.source} with {metrics['model']}"]
+    if len(folds) > 1:
+        where = f"(mean of {len(folds)} folds)"
+    else:
+        where = "on the test split" if next(iter(folds)) == "test" else f"on fold {next(iter(folds))}"
+
+    def spread(key: str) -> str:
+        return f" +- {metrics[f'{key}_std']:.4f}" if len(folds) > 1 else ""
+
     if clips.multi_label:
         pooled = multi_label_metrics(clips.labels[tested], scores[tested])
         metrics["class_ap"] = dict(zip(names, pooled["class_ap"]))
@@ -145,16 +155,15 @@ def write_results(
                 value = pooled["class_ap"][column]
                 positives = int(clips.labels[tested, column].sum())
                 writer.writerow([name, "" if value is None else f"{value:.6f}", positives])
-        lines.append(f"{'fold':>8}  mAP     d-prime")
-        lines += [f"{fold:>8}  {folds[fold]['mAP']:.4f}  {folds[fold]['d_prime']:.3f}" for fold in folds]
-        lines.append(f"{'mean':>8}  {metrics['mAP']:.4f}  {metrics['d_prime']:.3f}  (per-class AP: per_class_ap.csv)")
+        classes = metrics["mAP_classes"]
+        over = f" over {classes} of {len(names)} classes" if classes < len(names) else ""
+        result = f"mAP {metrics['mAP']:.4f}{spread('mAP')}{over}, d-prime {metrics['d_prime']:.3f}"
+        lines.append(f"{result} {where}; per-class AP in per_class_ap.csv")
     else:
         _confusion_png(
             output_dir / "confusion_matrix.png", clips.labels[tested], np.argmax(scores[tested], axis=1), names
         )
-        lines.append("fold  accuracy")
-        lines += [f"{fold:>4}  {folds[fold]['accuracy']:.4f}" for fold in folds]
-        lines.append(f"mean  {metrics['accuracy']:.4f} +- {metrics['accuracy_std']:.4f}")
+        lines.append(f"accuracy {metrics['accuracy']:.4f}{spread('accuracy')} {where}")
     if metrics["head"] != "finetune":
         cache = " (from cache)" if metrics.get("embeddings_from_cache") else ""
         lines.append(

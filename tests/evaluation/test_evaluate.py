@@ -69,6 +69,7 @@ def check_multi_label(output: Path, metrics: dict) -> None:
         targets = np.array([[name in labels.split(";") for name in names] for labels in rows["labels"]], dtype=int)
         scores = rows[[f"score:{name}" for name in names]].to_numpy()
         present = targets.sum(axis=0) > 0
+        assert metrics["folds"][fold]["mAP_classes"] == present.sum()
         expected = sklearn_metrics.average_precision_score(targets[:, present], scores[:, present], average="macro")
         assert metrics["folds"][fold]["mAP"] == pytest.approx(expected, abs=1e-9)
         both = present & (targets.sum(axis=0) < len(targets))
@@ -79,7 +80,7 @@ def check_multi_label(output: Path, metrics: dict) -> None:
     assert list(table["class"]) == names
 
 
-def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_dir, tmp_path):
+def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_dir, tmp_path, capsys):
     root = tmp_path / "classes"
     files = fsdd_subset()
     for path in files:
@@ -90,6 +91,8 @@ def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_d
     predictions = check_single_label(tmp_path / "out", metrics)
     assert len(predictions) == 30  # 20 % of each class's 16 clips, rounded: 3 x 10 classes
     assert metrics["accuracy"] > 0.3  # chance is 0.1
+    out = capsys.readouterr().out
+    assert f"accuracy {metrics['accuracy']:.4f} on the test split" in out and "fold test:" not in out  # said once
 
 
 def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, capfd):
@@ -104,6 +107,10 @@ def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, cap
     output = capfd.readouterr()
     lines = (output.out + output.err).replace("\r", "\n").splitlines()
     assert len(lines) < 60, lines  # a 5-fold probe: the result table, not Trainer's per-step logs
+    progress = [line for line in output.out.splitlines() if line.startswith("fold ")]
+    assert progress == [f"fold {fold}: accuracy {result['accuracy']:.4f}" for fold, result in metrics["folds"].items()]
+    assert not [line for line in output.out.splitlines() if line.strip()[:1].isdigit()]  # no table repeats them
+    assert f"accuracy {metrics['accuracy']:.4f} +- {metrics['accuracy_std']:.4f} (mean of 5 folds)" in output.out
     history = json.loads((tmp_path / "out" / "fold3" / "log_history.json").read_text())
     assert len([entry for entry in history if "loss" in entry]) == 20  # the per-step logs went to a file
 
@@ -172,11 +179,40 @@ def test_multi_label_csv_with_separator_joined_labels(model_dir, cache_dir, tmp_
     rows = [(path, f"{path.stem[0]};{parity[path]}", int(path.stem[-1]) % 3) for path in files]
     table.write_text("filename,tags,fold\n" + "".join(f"{p},{t},{f}\n" for p, t, f in rows))
     arguments = ["--dataset", str(table), "--label-column", "tags", "--label-separator", ";", "--fold-column", "fold"]
-    metrics = evaluate(model_dir, cache_dir, tmp_path / "knn", *arguments, "--head", "knn")
+    metrics = evaluate(model_dir, tmp_path / "cache", tmp_path / "knn", *arguments, "--head", "knn")
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    share, ranked = knn_by_hand(np.load(cached)["embeddings"], tmp_path / "knn", metrics)
+    written = pd.read_csv(tmp_path / "knn" / "predictions.csv")
+    scores = written[[f"score:{name}" for name in metrics["label_names"]]].to_numpy()
+    np.testing.assert_allclose(scores, ranked[written["index"]], atol=1e-6)  # the share, ties broken by similarity
+    assert (np.floor(scores * 10 + 1e-6) / 10 == share[written["index"]]).all()  # below one vote (1/k) above it
     check_multi_label(tmp_path / "knn", metrics)
     assert metrics["mAP"] > 0.3
     metrics = evaluate(model_dir, cache_dir, tmp_path / "linear", *arguments, "--head", "linear", "--epochs", "10")
     check_multi_label(tmp_path / "linear", metrics)
+
+
+def knn_by_hand(embeddings: np.ndarray, output: Path, metrics: dict, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's cosine neighbours per fold: `(vote share, share plus summed similarity / (2k + 1) / k)`."""
+    from sklearn.neighbors import NearestNeighbors
+
+    predictions = pd.read_csv(output / "predictions.csv", dtype={"fold": str})
+    names = metrics["label_names"]
+    targets = np.zeros((len(embeddings), len(names)))
+    for index, labels in zip(predictions["index"], predictions["labels"]):
+        targets[index] = [name in labels.split(";") for name in names]
+    share, ranked = np.zeros_like(targets), np.zeros_like(targets)
+    for _, rows in predictions.groupby("fold"):
+        test = rows["index"].to_numpy()
+        train = np.setdiff1d(predictions["index"], test)
+        distance, nearest = (
+            NearestNeighbors(n_neighbors=k, metric="cosine").fit(embeddings[train]).kneighbors(embeddings[test])
+        )
+        neighbours = targets[train][nearest]  # (test, k, classes)
+        share[test] = neighbours.mean(axis=1)
+        summed = (neighbours * (1 - distance)[:, :, None]).sum(axis=1)
+        ranked[test] = share[test] + (summed + k) / (2 * k + 1) / k
+    return share, ranked
 
 
 def test_multi_label_finetune_on_a_datasets_list_column(model_dir, tmp_path):

@@ -439,8 +439,8 @@ def test_non_finite_embeddings_are_an_error_naming_the_file(tiny_dasheng_dir, tm
     soundfile.write(root / "audio" / "marked.wav", np.full(8000, 0.125, dtype=np.float32), 8000)
     original = probe_embeddings._pooled_embeddings
 
-    def nan_for_the_marked_clip(model, feature_extractor, waveforms, device):
-        pooled = original(model, feature_extractor, waveforms, device)
+    def nan_for_the_marked_clip(model, feature_extractor, waveforms, device, layer=None):
+        pooled = original(model, feature_extractor, waveforms, device, layer)
         marked = torch.tensor([bool(np.isclose(np.median(waveform), 0.125, atol=1e-3)) for waveform in waveforms])
         return torch.where(marked[:, None], torch.nan, pooled)
 
