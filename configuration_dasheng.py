@@ -305,7 +305,7 @@ class DashengConfig(PretrainedConfig):
         what = {key: key for key in arguments}
         original = {key: kwargs.pop(key) for key in list(kwargs) if key in _ENCODER_KWARGS_TO_FIELDS}
         if original:  # the original encoder's own names given directly: DashengConfig(embed_dim=64, depth=2)
-            self._merge_encoder_kwargs(original, fields, what)
+            self._merge_encoder_kwargs(original, fields, what, source="")
         if encoder_kwargs is not None:
             self._merge_encoder_kwargs(encoder_kwargs, fields, what)
         for field, value in zip(
@@ -400,8 +400,9 @@ class DashengConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @staticmethod
-    def _merge_encoder_kwargs(encoder_kwargs: Any, fields: dict[str, Any], what: dict[str, str]) -> None:
-        """Fill `fields` not given explicitly from `encoder_kwargs`; warn where a given field disagrees."""
+    def _merge_encoder_kwargs(encoder_kwargs: Any, fields: dict, what: dict, source: str = "encoder_kwargs") -> None:
+        """Fill `fields` not given explicitly from `encoder_kwargs` (the original's names: `source` "" when given as
+        arguments); warn where a given field disagrees."""
         if not isinstance(encoder_kwargs, Mapping):
             raise ValueError(
                 f"encoder_kwargs must be a mapping of the original encoder's arguments (e.g. {{'embed_dim': 768}}) "
@@ -423,17 +424,17 @@ class DashengConfig(PretrainedConfig):
             )
         disagreements = []
         for key, value in encoder_kwargs.items():
-            field = _ENCODER_KWARGS_TO_FIELDS.get(key)
+            field, name = _ENCODER_KWARGS_TO_FIELDS.get(key), f"{source}[{key!r}]" if source else key
             if field is None:
                 continue
             if field not in fields:
                 fields[field] = value
-                what[field] = f"{field} (from encoder_kwargs[{key!r}])"
+                what[field] = f"{field} (from {name})"
             elif field != "intermediate_size" and not _same(fields[field], value):
-                disagreements.append(f"{field}={fields[field]!r} vs encoder_kwargs[{key!r}]={value!r}")
+                disagreements.append(f"{field}={fields[field]!r} vs {name}={value!r}")
         if disagreements:
             logger.warning(
-                "The config's fields and its encoder_kwargs (a read-only mirror for the first Hub port) disagree: "
+                f"The config's fields and {source or 'the original names given'} (the first Hub port's) disagree: "
                 + "; ".join(disagreements)
                 + ". Using the fields; encoder_kwargs is rewritten from them on save."
             )

@@ -138,27 +138,40 @@ def _check_wav_length(source: Any, name: str, is_bytes: bool) -> None:
             offset += 8 + size + (size & 1)
 
 
+def _first_line(error: BaseException) -> str:
+    """`Type: first line of the message` (torchcodec's load errors run to pages)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+
+
 def _decode_with_torchcodec(source: Any, name: str, soundfile_error: Exception) -> tuple[np.ndarray, int]:
+    cannot = f"{name}: soundfile cannot read it ({_first_line(soundfile_error)})"
     try:
         from torchcodec.decoders import AudioDecoder
-    except ImportError as error:  # also raised when FFmpeg's libraries are missing
+    except ImportError as error:
         raise DashengAudioError(
-            f"{name}: soundfile cannot read it ({soundfile_error}); for other formats install torchcodec and FFmpeg "
-            f"(pip install torchcodec; apt-get install ffmpeg) ({error})."
+            f"{cannot}; for other formats install torchcodec and FFmpeg (pip install torchcodec; apt-get install "
+            f"ffmpeg) ({_first_line(error)})."
         ) from error
-    except Exception as error:  # installed but not loadable: built for another torch (OSError, RuntimeError)
-        import torch
-
-        raise DashengAudioError(
-            f"{name}: soundfile cannot read it ({soundfile_error}), and torchcodec, which reads other formats, does "
-            f"not load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); install the "
-            f"torchcodec release made for your torch {torch.__version__} (see torchcodec's compatibility table)."
-        ) from error
+    except Exception as error:  # installed but not loadable (OSError, RuntimeError)
+        raise DashengAudioError(_unloadable(cannot, error)) from error
     try:
         samples = AudioDecoder(bytes(source) if isinstance(source, memoryview) else source).get_all_samples()
         return samples.data.mean(dim=0).numpy(), int(samples.sample_rate)
     except Exception as error:
-        raise DashengAudioError(f"{name}: unreadable audio ({type(error).__name__}: {error}).") from error
+        if "Could not load libtorchcodec" in str(error):  # torchcodec loads FFmpeg on first use
+            raise DashengAudioError(_unloadable(cannot, error)) from error
+        raise DashengAudioError(f"{name}: unreadable audio ({_first_line(error)}).") from error
+
+
+def _unloadable(cannot: str, error: BaseException) -> str:
+    import torch
+
+    return (
+        f"{cannot}, and torchcodec, which reads other formats, does not load ({_first_line(error)}): install FFmpeg "
+        f"(apt-get install ffmpeg), or the torchcodec release made for your torch {torch.__version__} (see "
+        f"torchcodec's compatibility table)."
+    )
 
 
 def crop_audio(waveform: np.ndarray, crop_samples: int) -> Iterator[tuple[np.ndarray, int, int]]:

@@ -382,6 +382,7 @@ def run_embed(arguments: argparse.Namespace) -> dict[str, Any] | None:
             else:
                 extra = {
                     "hidden_size": model.config.hidden_size,
+                    "num_hidden_layers": model.config.num_hidden_layers,
                     "frame_rate": FRAME_RATE,
                     "frame_time": "centre of token i: 0.04 * i + 0.015 s",
                     "num_processes": world_size,
@@ -456,9 +457,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     _check(arguments, parser)
     try:
-        check_resources(_hub_resources(arguments), advice=CONVERT_ADVICE)
-        with interrupts_raise(), new_output_folder(Path(arguments.output_dir).expanduser(), remove_partial=False):
-            run_embed(arguments)
+        with interrupts_raise():  # an error within is mapped knowing which interrupts this run received
+            check_resources(_hub_resources(arguments), advice=CONVERT_ADVICE)
+            with new_output_folder(Path(arguments.output_dir).expanduser(), remove_partial=False):
+                run_embed(arguments)
     except _StoppedWithRankZero:
         sys.exit(2)
     except KeyboardInterrupt as error:

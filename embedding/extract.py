@@ -128,7 +128,8 @@ class DashengFeatureStream(torch.utils.data.IterableDataset):
         except DashengAudioError as error:
             return {"kind": "skipped", "file": file, "reason": str(error)}, []
         except Exception as error:  # whatever else one file brings (a decoder's own failure): that file, not the run
-            return {"kind": "skipped", "file": file, "reason": f"{record.origin}: {type(error).__name__}: {error}"}, []
+            first = (str(error).strip().splitlines() or [""])[0]
+            return {"kind": "skipped", "file": file, "reason": f"{record.origin}: {type(error).__name__}: {first}"}, []
         values = features["input_values"][0]
         segments = list(values.split(self.segment_frames, dim=-1))
         if len(segments) > 1 and segments[-1].shape[-1] < 4:  # frames that end no token

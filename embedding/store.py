@@ -350,7 +350,8 @@ def write_index(output_dir: Path, num_parts: int, info: dict[str, Any]) -> dict[
 def read_clip_table(output_dir: str | os.PathLike, layer: int | None = None) -> tuple[Any, np.ndarray]:
     """
     The clips of a `dasheng-embed` output folder: `(table without embeddings as a pandas DataFrame, (clips,
-    hidden) float32 embeddings)`, `layer` selecting a `layer_<i>` column instead of `embedding`.
+    hidden) float32 embeddings)`, `layer` selecting a `layer_<i>` column instead of `embedding` (negative: counted
+    from the last block, as `--layers -1`).
     """
     import pandas as pd
 
@@ -358,6 +359,10 @@ def read_clip_table(output_dir: str | os.PathLike, layer: int | None = None) -> 
     if not (folder / "info.json").is_file():
         raise EmbeddingStoreError(f"{folder} has no info.json: not a finished dasheng-embed output (rerun it to end).")
     info = json.loads((folder / "info.json").read_text())
+    if layer is not None and layer < 0:  # counted from the end, as --layers -1 was written: layer_<blocks>
+        if "num_hidden_layers" not in info:
+            raise EmbeddingStoreError(f"{folder} does not record its model's blocks: pass the layer as in layer_<i>.")
+        layer += info["num_hidden_layers"] + 1
     column = "embedding" if layer is None else f"layer_{layer}"
     frames = [pd.read_parquet(folder / name) for name in info["clip_files"]]
     if not frames:

@@ -382,9 +382,14 @@ def _pooled_embeddings(
     """`pooler_output`, or the mean of `last_hidden_state` (or of `hidden_states[layer]`), of a batch: `(batch,
     hidden)`."""
     inputs = {key: value.to(device) for key, value in featurize(feature_extractor, waveforms).items()}
-    outputs = model(**inputs, output_hidden_states=layer is not None)
+    outputs = model(**inputs, **({} if layer is None else {"output_hidden_states": True}))
     if layer is None and getattr(outputs, "pooler_output", None) is not None:
         return outputs.pooler_output
+    if layer is not None and not -len(outputs.hidden_states or ()) <= layer < len(outputs.hidden_states or ()):
+        raise LinearProbeError(
+            f"--layer {layer} is out of range: the model gives {len(outputs.hidden_states or ())} hidden states (0 the "
+            f"embeddings, then one per block), so --layer takes 0 to {len(outputs.hidden_states or ()) - 1}."
+        )
     states = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
     if isinstance(model, DashengModel):  # the mean over each clip's real tokens, as its pooler_output
         counts = model.num_valid_tokens(inputs.get("attention_mask"), inputs["input_values"].shape[-1]).to(device)

@@ -294,8 +294,8 @@ def _from_datasets(source: str, columns: DatasetColumns) -> AudioClips:
 def check_dataset_path(source: str) -> None:
     """
     Refuse, before anything is loaded, a `--dataset` that is an unfinished `dasheng-embed` output (its folders or
-    `settings.json` but no `info.json`) or a local path that is not there: one that reads as a path, names a table
-    (`.csv`, `.tsv`, `.parquet`) or lies in an existing folder (a Hub id lies in none).
+    `settings.json` but no `info.json`) or a local path that is not there: one that reads as a path or names a table
+    (`.csv`, `.tsv`, `.parquet`).
     """
     path = Path(source).expanduser()
     if path.is_dir() and not (path / "info.json").is_file():
@@ -306,7 +306,7 @@ def check_dataset_path(source: str) -> None:
                 f"to finish it."
             )
     table = path.suffix.lower() in (".csv", ".tsv", ".parquet")
-    if not path.exists() and (is_local_path(source) or table or (len(path.parts) > 1 and path.parent.is_dir())):
+    if not path.exists() and (is_local_path(source) or table):  # else a Hub id, which the Hub check judges
         raise LinearProbeError(f"--dataset {source!r} does not exist (no such file or folder).")
 
 

@@ -157,6 +157,9 @@ def _iterative_stratification(positive: np.ndarray, fraction: float, seed: int) 
     for clip in rng.permutation(np.flatnonzero(side < 0)):
         side[clip] = chosen = pick(np.arange(2))
         room[chosen] -= 1
+    for empty in (1, 0):  # classes of one clip each can leave a side empty: one clip moves there
+        if len(side) > 1 and not (side == empty).any():
+            side[rng.integers(len(side))] = empty
     return side == 1
 
 
@@ -238,6 +241,8 @@ def _embeddings(options: EvalOptions, clips: AudioClips, state: Any) -> tuple[np
             f"--layer {layer} is out of range: {options.model} has {blocks} blocks, so --layer takes 0 (the patch "
             f"embeddings) to {blocks} (the last block's output), or -1 for the last."
         )
+    if layer is not None and layer < 0 and blocks is not None:  # one cache entry and one name per layer
+        layer = options.columns.layer = layer + blocks + 1
     with state.main_process_first():  # one rank embeds and writes the cache; the others then read it
         embeddings, skipped, from_cache = cached_embeddings(
             options.model,

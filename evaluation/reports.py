@@ -114,9 +114,8 @@ def write_results(
 ) -> list[str]:
     """
     Write `metrics.json`, `predictions.csv` (every tested clip: file, fold, label(s), prediction or the per-class
-    scores the metrics rank) and
-    `confusion_matrix.png` (single-label) or `per_class_ap.csv` (multi-label); return the console summary's lines
-    (each fold's result was printed as it came, so only the mean over folds).
+    scores the metrics rank) and `confusion_matrix.png` (single-label) or `per_class_ap.csv` (multi-label); return
+    the console summary's lines (each fold's result was printed as it came, so only the mean over folds).
     """
     names = clips.label_names
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ INTERRUPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM"
 _pending: list[int] = []
 _received: list[int] = []  # since the last `interrupts_raise` block began
 _holding = [0]
+_raised = [0]  # interrupts the handler has raised, in this process
 _arrivals: dict[str, int] = {}
 
 
@@ -50,43 +51,60 @@ def _handler(signum: int, frame: Any) -> None:
     if _holding[0]:
         _pending.append(signum)
         return
+    _raised[0] += 1
     raise DashengInterrupted(signum)
 
 
 @contextlib.contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """Within the block (main thread only), SIGINT, SIGTERM and SIGHUP raise [`DashengInterrupted`]."""
+    """
+    Within the block (main thread only), SIGINT, SIGTERM and SIGHUP raise [`DashengInterrupted`]. One raised where
+    Python cannot raise (in a finaliser, `__del__`) would be printed as "Exception ignored" and lost: the signal is
+    sent again a moment later (from a thread; sent at once, it would land in the same place), and if the block ends
+    first, it raises as the block ends.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     del _received[:]
     previous = {signum: signal.signal(signum, _handler) for signum in INTERRUPT_SIGNALS}
     previous_hook = sys.unraisablehook
+    lost: list[tuple[int, int]] = []  # (signal, interrupts raised by then) of each swallowed interrupt
+    timers: list[threading.Timer] = []
 
-    redeliveries: list[threading.Timer] = []
+    def send_again(signum: int, raised: int) -> None:
+        if _raised[0] == raised:  # none raised since it was lost
+            os.kill(os.getpid(), signum)
 
     def redeliver(unraisable: Any) -> None:
-        # Raised where Python cannot raise (a finaliser, `__del__`): instead of being printed as "Exception ignored"
-        # and lost, the signal is sent again a moment later (from a thread: sent from here, it would be raised here),
-        # to stop the run at its next line.
         if isinstance(unraisable.exc_value, DashengInterrupted):
-            timer = threading.Timer(0.02, os.kill, (os.getpid(), unraisable.exc_value.signum))
-            timer.daemon = True
-            redeliveries.append(timer)
-            timer.start()
+            lost.append((unraisable.exc_value.signum, _raised[0]))
+            timers.append(threading.Timer(0.02, send_again, lost[-1]))
+            timers[-1].daemon = True
+            timers[-1].start()
         else:
             previous_hook(unraisable)
 
     sys.unraisablehook = redeliver
+    propagating = False
     try:
         yield
+    except BaseException:
+        propagating = True
+        raise
     finally:
         sys.unraisablehook = previous_hook
-        for timer in redeliveries:  # a block that ended first: a signal sent meanwhile still raises here
-            timer.cancel()
-            timer.join()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        try:
+            for timer in timers:
+                timer.cancel()
+            for timer in timers:
+                timer.join()  # one that fired meanwhile raises here
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        unanswered = [signum for signum, raised in lost if _raised[0] == raised]
+        if unanswered and not propagating:
+            raise DashengInterrupted(unanswered[0])
 
 
 def received_interrupt() -> str | None:

@@ -46,20 +46,44 @@ def test_an_empty_file_is_named_as_empty(tmp_path) -> None:
             decode_audio(source)
 
 
-def test_a_torchcodec_that_does_not_load_is_one_reason_for_that_file(tmp_path, monkeypatch) -> None:
-    """torchcodec built for another torch raises OSError on import: files soundfile cannot read are refused with that
-    reason, and the files it can read still decode."""
+# torchcodec that does not load: built for another torch (OSError on import), or FFmpeg missing (torchcodec 0.17
+# raises at the first decoder, with pages of tracebacks).
+UNLOADABLE_TORCHCODEC = {
+    "on import": "raise OSError('Could not load this library: libtorchcodec_core.so')\n",
+    "at the first decoder": (
+        "class AudioDecoder:\n"
+        "    def __init__(self, source):\n"
+        "        raise RuntimeError('Could not load libtorchcodec. Likely causes:\\n  1. FFmpeg is not installed.\\n"
+        "[start of libtorchcodec loading traceback]\\n...')\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("when", sorted(UNLOADABLE_TORCHCODEC))
+def test_a_torchcodec_that_does_not_load_is_one_line_reason_for_that_file(tmp_path, monkeypatch, when) -> None:
+    """Files soundfile cannot read are refused with one line saying why and what to install; the files it can read
+    still decode."""
     fake = tmp_path / "packages" / "torchcodec"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise OSError('Could not load this library: libtorchcodec_core.so')\n")
+    if when == "on import":
+        (fake / "__init__.py").write_text(UNLOADABLE_TORCHCODEC[when])
+    else:
+        (fake / "__init__.py").write_text("")
+        (fake / "decoders.py").write_text(UNLOADABLE_TORCHCODEC[when])
     for name in [name for name in sys.modules if name.split(".")[0] == "torchcodec"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path / "packages"))
     (tmp_path / "noise.wav").write_bytes(b"not audio at all" * 100)
-    with pytest.raises(DashengAudioError) as raised:
-        decode_audio(tmp_path / "noise.wav")
+    try:
+        with pytest.raises(DashengAudioError) as raised:
+            decode_audio(tmp_path / "noise.wav")
+    finally:  # the fake goes (monkeypatch puts back the real modules it removed, but keeps what was added)
+        for name in [name for name in sys.modules if name.split(".")[0] == "torchcodec"]:
+            del sys.modules[name]
     message = str(raised.value)
-    assert message.startswith(f"{tmp_path / 'noise.wav'}: soundfile cannot read it")
-    assert "torchcodec, which reads other formats, does not load (OSError: Could not load this library" in message
-    assert "install the torchcodec release made for your torch" in message and "\n" not in message
+    assert message.startswith(f"{tmp_path / 'noise.wav'}: soundfile cannot read it (LibsndfileError: ")
+    cause = "OSError: Could not load this library" if when == "on import" else "RuntimeError: Could not load libtorch"
+    assert f"torchcodec, which reads other formats, does not load ({cause}" in message
+    assert "install FFmpeg (apt-get install ffmpeg), or the torchcodec release made for your torch" in message
+    assert "\n" not in message
     assert len(decode_audio(fsdd_files()[0])) > 0

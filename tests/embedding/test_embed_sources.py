@@ -277,3 +277,20 @@ def test_a_worker_meeting_a_closed_connection_prints_nothing(capfd):
     assert capfd.readouterr().err == ""
     _quiet_broken_connections(ValueError, ValueError("a real bug"), None)
     assert "ValueError: a real bug" in capfd.readouterr().err
+
+
+def test_a_file_touched_since_is_refused_and_its_old_time_restored_is_not(model_dir, tmp_path, capsys):
+    """Same size and content, another modification time (a file rewritten in place with the same bytes)."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for path in fsdd_files()[:2]:
+        shutil.copy2(path, folder)
+    common = ["--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"]
+    assert embed(capsys, str(folder), *common)[0] == 0
+    touched = folder / Path(fsdd_files()[1]).name
+    before = touched.stat()
+    os.utime(touched, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    status, _, err = embed(capsys, str(folder), *common)
+    assert status == 2 and "the sources changed since its part 0 was written" in one_line(err)
+    os.utime(touched, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "Nothing to do" in embed(capsys, str(folder), *common)[1]

@@ -77,6 +77,27 @@ def test_layer_on_audio_is_the_mean_of_its_hidden_states_cached_apart(model_dir,
     np.testing.assert_allclose(np.load(layer_file)["embeddings"], expected, atol=2e-5)
 
 
+def test_a_layer_counted_from_the_end_is_the_same_layer_everywhere(model_dir, table, tmp_path):
+    """`--layer -1` is block 2 of this 2-block model: one cache entry, one name in metrics.json, and on
+    `dasheng-embed --layers -1` output (written as layer_2) the same column."""
+    from dasheng_hf.embedding.embed import main as embed
+
+    cache = tmp_path / "cache"
+    common = ["--dataset", str(table), "--label-column", "digit", "--head", "knn", "--cache-dir", str(cache)]
+    main(["--model", str(model_dir), *common, "--layer", "-1", "--output-dir", str(tmp_path / "minus")])
+    main(["--model", str(model_dir), *common, "--layer", "2", "--output-dir", str(tmp_path / "two")])
+    assert len(list(cache.glob("*.npz"))) == 1
+    minus, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("minus", "two"))
+    assert minus["layer"] == two["layer"] == 2 and minus["accuracy"] == two["accuracy"]
+    folder = tmp_path / "embedded"
+    embed([str(table), "--model", str(model_dir), "--output-dir", str(folder), "--num-workers", "0", "--layers", "-1"])
+    common = ["--dataset", str(folder), "--label-column", "digit", "--head", "knn"]
+    main([*common, "--layer", "-1", "--output-dir", str(tmp_path / "embedded-minus")])
+    predictions = [pd.read_csv(tmp_path / name / "predictions.csv") for name in ("embedded-minus", "two")]
+    assert list(predictions[0].file) == list(predictions[1].file)
+    assert list(predictions[0].prediction) == list(predictions[1].prediction)  # layer_2's embeddings, as on audio
+
+
 def test_a_layer_out_of_range_or_with_finetune_is_one_line(model_dir, table, tmp_path, capsys):
     common = ["--model", str(model_dir), "--dataset", str(table), "--label-column", "digit"]
     code, error = run(capsys, *common, "--head", "knn", "--layer", "3", "--output-dir", str(tmp_path / "a"))
@@ -114,7 +135,7 @@ def test_a_model_that_embeddings_ignore_is_warned(model_dir, embedded, tmp_path,
     ) in caplog.text
 
 
-@pytest.mark.parametrize("dataset", ["data/nope.csv", "nope.tsv", "data/nope"])
+@pytest.mark.parametrize("dataset", ["data/nope.csv", "nope.tsv", "./data/nope"])
 def test_a_missing_relative_path_does_not_exist(dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -122,6 +143,13 @@ def test_a_missing_relative_path_does_not_exist(dataset, tmp_path, capsys, monke
     assert (
         code == 2 and error == f"dasheng-eval: error: --dataset {dataset!r} does not exist (no such file or folder).\n"
     )
+
+
+def test_a_hub_id_beside_a_local_folder_of_its_owner_name_is_still_a_hub_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mispeech").mkdir()  # e.g. other repos of the same owner, cloned
+    code, error = run(capsys, "--dataset", "mispeech/esc50", "--head", "knn", "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "mispeech/esc50" in error and "is not in the local Hugging Face cache" in error
 
 
 def test_finetune_loads_a_fresh_head_without_the_load_report(model_dir, tmp_path):

@@ -53,6 +53,14 @@ def test_multi_label_stratified_split_gives_every_class_positives_on_both_sides(
     assert not (labels[random].sum(0) >= 1).all()  # which leaves a class without test positives here
 
 
+def test_classes_of_one_clip_each_still_leave_clips_on_both_sides():
+    """Iterative stratification alone puts every clip of single-clip classes where training lacks them most."""
+    clips = AudioClips(None, np.eye(5, dtype=np.float32), None, list("abcde"), "x", "x")
+    for seed in range(4):
+        ((_, train, test),) = evaluation_splits(clips, EvalOptions(test_fraction=0.2, seed=seed))
+        assert test.sum() >= 1 and train.sum() >= 1 and not (train & test).any() and (train | test).all()
+
+
 def write_tags(path, files, rare: set, split=None) -> None:
     """A CSV of FSDD clips tagged with their digit, odd/even, and `rare` on the clips in `rare`."""
     rows = []

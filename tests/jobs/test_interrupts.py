@@ -39,3 +39,18 @@ def test_the_received_interrupt_is_forgotten_when_the_next_block_begins():
     assert received_interrupt() == "SIGINT"
     with interrupts_raise():
         assert received_interrupt() is None
+
+
+def test_an_interrupt_lost_in_a_finaliser_just_before_the_block_ends_raises_as_it_ends():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(DashengInterrupted) as raised:
+        with interrupts_raise():
+            _FinalisedDuringTheSignal()  # the block ends before the signal is sent again
+    assert raised.value.signal_name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is before
+    stray = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stray.append(signum))
+    try:
+        time.sleep(0.1)  # the signal is not sent again after the block
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stray == []

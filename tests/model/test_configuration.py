@@ -234,7 +234,7 @@ def test_fields_win_over_a_disagreeing_mirror_with_a_warning(caplog):
     assert "disagree" not in caplog.text
 
 
-def test_the_original_encoders_argument_names_given_directly_set_the_fields(tmp_path):
+def test_the_original_encoders_argument_names_given_directly_set_the_fields(tmp_path, caplog):
     """`DashengConfig(embed_dim=64, depth=2, num_heads=4)`, as the original `dasheng` constructor is called, builds
     that architecture (it used to be kept as unused attributes beside a dasheng-base)."""
     config = DashengConfig(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
@@ -244,7 +244,12 @@ def test_the_original_encoders_argument_names_given_directly_set_the_fields(tmp_
     written = json.loads((tmp_path / "config.json").read_text())
     assert not {"embed_dim", "depth", "num_heads", "mlp_ratio"} & set(written)  # only the fields and the mirror
     assert DashengConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
-    # A field given as well wins (the original name fills in only what the fields leave out).
-    assert DashengConfig(hidden_size=32, embed_dim=64, num_heads=4, depth=1).hidden_size == 32
-    with pytest.raises(ValueError, match=r"num_attention_heads \(from encoder_kwargs\['num_heads'\]\) must be"):
+    # A field given as well wins (the original name fills in only what the fields leave out), with a warning.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        assert DashengConfig(hidden_size=32, embed_dim=64, num_heads=4, depth=1).hidden_size == 32
+    assert "the original names given (the first Hub port's) disagree: hidden_size=32 vs embed_dim=64." in caplog.text
+    with pytest.raises(ValueError, match=r"num_attention_heads \(from num_heads\) must be a positive integer"):
         DashengConfig(embed_dim=64, num_heads=0)
