@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = parser.parse_args(argv)
     given_model, arguments.model = arguments.model, arguments.model or DEFAULT_MODEL
     if arguments.k < 1:
-        parser.error("--k must be at least 1.")
+        parser.exit(2, f"{parser.prog}: error: --k must be at least 1.\n")
     quiet_optional_kernel_logs()
     try:
         from .labelled import DatasetColumns, check_dataset_path

@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     arguments = parser.parse_args(argv)
     if arguments.k < 1:
-        parser.error("--k must be at least 1.")
+        parser.exit(2, f"{parser.prog}: error: --k must be at least 1.\n")
     quiet_optional_kernel_logs()
     resources = [HubResource("--model", arguments.model), HubResource("--dataset", arguments.dataset, "dataset")]
     try:

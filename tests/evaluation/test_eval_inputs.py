@@ -202,3 +202,8 @@ def test_layer_of_another_transformers_encoder_is_the_mean_of_its_hidden_states(
             for i in range(len(clips))
         ]
     np.testing.assert_allclose(np.load(cached)["embeddings"], torch.stack(expected).numpy(), atol=2e-5)
+
+
+def test_a_k_below_one_is_one_line(table, tmp_path, capsys):
+    code, error = run(capsys, "--dataset", str(table), "--head", "knn", "--k", "0", "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and error == "dasheng-eval: error: --k must be at least 1.\n"
