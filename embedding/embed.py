@@ -309,14 +309,16 @@ def _prepare_folder(output_dir: Path, settings: dict[str, Any], parts: list, ran
     import torch
 
     from ..jobs.lock import DashengLockError, DashengOutputLock
-    from .store import EmbeddingStoreError, check_part_sources, check_settings
+    from .store import EmbeddingStoreError, check_part_sources, check_settings, done_parts
 
     lock, problem = None, None
     if rank == 0:
         try:
             lock = DashengOutputLock(output_dir, "dasheng-embed").acquire()
             check_settings(output_dir, settings, SETTING_DEFAULTS, _stored_setting)
-            unchecked = check_part_sources(output_dir, {part.number: part.fingerprint() for part in parts})
+            written = done_parts(output_dir)  # the rest are fingerprinted as they are embedded
+            fingerprints = {part.number: part.fingerprint() for part in parts if part.number in written}
+            unchecked = check_part_sources(output_dir, fingerprints)
             if unchecked:
                 print(
                     f"dasheng-embed: warning: {unchecked} written part(s) of {output_dir} keep no record of their "

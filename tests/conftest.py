@@ -72,6 +72,15 @@ def tiny_pair(reference_tiny):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny DashengModel with seeded random weights, saved (for tools that take a model folder)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-dasheng")
+    DashengModel(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def feature_extractor():
     return DashengFeatureExtractor()
 

@@ -10,19 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 import torch
-from dasheng_hf import DashengModel
 from dasheng_hf.embedding.embed import main
-from helpers import fsdd_files, tiny_config
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-dasheng")
-    DashengModel(tiny_config()).save_pretrained(folder)
-    return folder
+from helpers import fsdd_files
 
 
 def link_files(folder: Path, files: list[str]) -> Path:
@@ -50,16 +40,16 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
-def test_changed_sources_are_refused_and_the_same_ones_spelled_otherwise_are_not(model_dir, tmp_path, capsys):
+def test_changed_sources_are_refused_and_the_same_ones_spelled_otherwise_are_not(tiny_dir, tmp_path, capsys):
     folder = link_files(tmp_path / "audio", fsdd_files()[:6])
     output = tmp_path / "out"
-    common = ["--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2", "--num-workers", "0"]
+    common = ["--model", str(tiny_dir), "--output-dir", str(output), "--clips-per-part", "2", "--num-workers", "0"]
     assert embed(capsys, str(folder), *common)[0] == 0
     # The same folder as `audio/` and from another working directory, the model as `tiny/`: nothing to do.
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        status, out, _ = embed(capsys, "audio/", *common[:1], f"{model_dir}/", *common[2:])
+        status, out, _ = embed(capsys, "audio/", *common[:1], f"{tiny_dir}/", *common[2:])
     finally:
         os.chdir(cwd)
     assert status == 0 and "Nothing to do" in out
@@ -85,7 +75,7 @@ def test_changed_sources_are_refused_and_the_same_ones_spelled_otherwise_are_not
     assert embed(capsys, str(tmp_path / "linked"), *common)[0] == 0
 
 
-def test_sources_with_other_label_columns_give_one_table_in_either_order(model_dir, tmp_path, capsys):
+def test_sources_with_other_label_columns_give_one_table_in_either_order(tiny_dir, tmp_path, capsys):
     import datasets
 
     plain = link_files(tmp_path / "plain", fsdd_files()[:2])
@@ -93,7 +83,7 @@ def test_sources_with_other_label_columns_give_one_table_in_either_order(model_d
         link_files(tmp_path / "classes" / Path(path).stem[0], [path])
     for order in ((plain, tmp_path / "classes"), (tmp_path / "classes", plain)):
         output = tmp_path / f"out-{order[0].name}"
-        argv = [*map(str, order), "--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2"]
+        argv = [*map(str, order), "--model", str(tiny_dir), "--output-dir", str(output), "--clips-per-part", "2"]
         assert embed(capsys, *argv)[0] == 0
         table = datasets.load_dataset("parquet", data_files=str(output / "clips" / "*.parquet"), split="train")
         assert table.column_names == ["file", "key", "duration", "label", "embedding"]
@@ -102,7 +92,7 @@ def test_sources_with_other_label_columns_give_one_table_in_either_order(model_d
         assert len(pd.read_parquet(output / "clips").columns) == 5
 
 
-def test_a_label_column_of_single_labels_in_one_source_and_lists_in_another_holds_lists(model_dir, tmp_path, capsys):
+def test_a_label_column_of_single_labels_in_one_source_and_lists_in_another_holds_lists(tiny_dir, tmp_path, capsys):
     import datasets
 
     for path in fsdd_files()[:2]:
@@ -115,42 +105,42 @@ def test_a_label_column_of_single_labels_in_one_source_and_lists_in_another_hold
     datasets.Dataset.from_dict(table, features=features).save_to_disk(str(saved))
     for clips_per_part in ("100", "2"):  # both in one part, and each source in parts of its own
         output = tmp_path / f"out-{clips_per_part}"
-        argv = [str(tmp_path / "classes"), str(saved), "--model", str(model_dir), "--output-dir", str(output)]
+        argv = [str(tmp_path / "classes"), str(saved), "--model", str(tiny_dir), "--output-dir", str(output)]
         assert embed(capsys, *argv, "--clips-per-part", clips_per_part)[0] == 0
         clips = datasets.load_dataset("parquet", data_files=str(output / "clips" / "*.parquet"), split="train")
         digits = [[Path(path).stem[0]] for path in fsdd_files()[:2]]  # the class folders' single labels, as lists
         assert clips["label"] == [*digits, ["a", "b"], ["b"]]
 
 
-def test_a_file_list_whose_paths_start_elsewhere_takes_audio_root(model_dir, tmp_path, capsys):
+def test_a_file_list_whose_paths_start_elsewhere_takes_audio_root(tiny_dir, tmp_path, capsys):
     files = fsdd_files()[:2]
     (tmp_path / "meta").mkdir()
     listing = tmp_path / "meta" / "list.csv"
     listing.write_text("filename,digit\n" + "".join(f"{Path(p).name},{Path(p).stem[0]}\n" for p in files))
     output = tmp_path / "out"
-    status, _, err = embed(capsys, str(listing), "--model", str(model_dir), "--output-dir", str(output))
+    status, _, err = embed(capsys, str(listing), "--model", str(tiny_dir), "--output-dir", str(output))
     line = one_line(err)  # every file is missing under meta/: nothing was embedded, and nothing is kept
     assert status == 2 and "none of the 2 clips could be used" in line and "0_george_0.wav" in line
     assert not output.exists()
-    argv = [str(listing), "--model", str(model_dir), "--output-dir", str(tmp_path / "rooted")]
+    argv = [str(listing), "--model", str(tiny_dir), "--output-dir", str(tmp_path / "rooted")]
     status, out, _ = embed(capsys, *argv, "--audio-root", str(Path(files[0]).parent))
     assert status == 0 and "Embedded 2 clips" in out
     listing.write_text("filename\n../x.wav\n")
-    status, _, err = embed(capsys, str(listing), "--model", str(model_dir), "--output-dir", str(tmp_path / "up"))
+    status, _, err = embed(capsys, str(listing), "--model", str(tiny_dir), "--output-dir", str(tmp_path / "up"))
     assert status == 2 and "give absolute paths, or name the folder the paths start from (--audio-root)" in err
 
 
-def test_a_device_that_is_not_there_is_one_line_before_anything_is_written(model_dir, tmp_path, capsys):
+def test_a_device_that_is_not_there_is_one_line_before_anything_is_written(tiny_dir, tmp_path, capsys):
     folder = link_files(tmp_path / "audio", fsdd_files()[:1])
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a machine without one)
     for device, message in ((missing, "CUDA GPU(s); pass --device cpu"), ("toaster", "is no device")):
         output = tmp_path / device
-        argv = [str(folder), "--model", str(model_dir), "--output-dir", str(output), "--device", device]
+        argv = [str(folder), "--model", str(tiny_dir), "--output-dir", str(output), "--device", device]
         status, _, err = embed(capsys, *argv)
         assert status == 2 and message in one_line(err) and not output.exists()
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_file(model_dir, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_dir, tmp_path, capsys, monkeypatch):
     from dasheng_hf.embedding import store
 
     folder = link_files(tmp_path / "audio", fsdd_files()[:3])
@@ -161,22 +151,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(model_dir, tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
 
     monkeypatch.setattr("pyarrow.parquet.write_table", no_space)
-    status, _, err = embed(capsys, str(folder), "--model", str(model_dir), "--output-dir", str(output))
+    status, _, err = embed(capsys, str(folder), "--model", str(tiny_dir), "--output-dir", str(output))
     line = one_line(err)
     assert status == 1 and "cannot write" in line and "No space left on device" in line and "resumes" in line
     assert not list(output.rglob("*.partial-*")) and not (output / ".dasheng-run.lock").exists()
     assert store.done_parts(output) == set()
     monkeypatch.undo()
-    status, out, _ = embed(capsys, str(folder), "--model", str(model_dir), "--output-dir", str(output))
+    status, out, _ = embed(capsys, str(folder), "--model", str(tiny_dir), "--output-dir", str(output))
     assert status == 0 and "Embedded 3 clips" in out
     assert json.loads((output / "info.json").read_text())["num_clips"] == 3
 
 
-def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(model_dir, tmp_path, capsys):
+def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(tiny_dir, tmp_path, capsys):
     """Before: settings held paths as typed and no file-list settings, part records no `sources`, frames no `key`."""
     folder = link_files(tmp_path / "audio", fsdd_files()[:4])
     output = tmp_path / "out"
-    common = ["--model", str(model_dir), "--output-dir", str(output), "--clips-per-part", "2", "--frames"]
+    common = ["--model", str(tiny_dir), "--output-dir", str(output), "--clips-per-part", "2", "--frames"]
     assert embed(capsys, str(folder), *common)[0] == 0
     old_frames = output / "frames" / "part-00000.parquet"
     pq.write_table(pq.read_table(old_frames).drop_columns(["key"]), old_frames)
@@ -209,7 +199,7 @@ def test_a_folder_written_by_the_previous_version_resumes_with_a_warning(model_d
 
 
 def test_a_file_that_fails_in_an_unforeseen_way_is_skipped_and_named_not_the_run(
-    model_dir, tmp_path, capsys, monkeypatch
+    tiny_dir, tmp_path, capsys, monkeypatch
 ):
     from dasheng_hf.audio.sources import AudioRecord
 
@@ -224,14 +214,14 @@ def test_a_file_that_fails_in_an_unforeseen_way_is_skipped_and_named_not_the_run
 
     monkeypatch.setattr(AudioRecord, "decode", failing)  # the worker (forked) has it too
     output = tmp_path / "out"
-    argv = [str(folder), "--model", str(model_dir), "--output-dir", str(output), "--num-workers", "1"]
+    argv = [str(folder), "--model", str(tiny_dir), "--output-dir", str(output), "--num-workers", "1"]
     status, out, _ = embed(capsys, *argv)
     assert status == 0 and "Embedded 2 clips" in out and "skipped 1" in out
     (skipped,) = json.loads((output / "info.json").read_text())["skipped"]
     assert skipped["file"].endswith(doomed) and skipped["reason"].endswith("MemoryError: cannot allocate 40 GiB")
 
 
-def test_bad_flags_are_one_line_each(model_dir, tmp_path, capsys):
+def test_bad_flags_are_one_line_each(tiny_dir, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     folder = link_files(tmp_path / "audio", fsdd_files()[:1])
     for flags, message in (
@@ -239,7 +229,7 @@ def test_bad_flags_are_one_line_each(model_dir, tmp_path, capsys):
         (["--output-dir", str(tmp_path / "o"), "--clips-per-part", "0"], "--clips-per-part must be at least 1."),
         (["--output-dir", str(tmp_path / "o"), "--batch-seconds", "nan"], "--batch-seconds must be a positive number."),
     ):
-        status, _, err = embed(capsys, str(folder), "--model", str(model_dir), *flags)
+        status, _, err = embed(capsys, str(folder), "--model", str(tiny_dir), *flags)
         assert status == 2 and one_line(err) == f"dasheng-embed: error: {message}"
 
 
@@ -279,13 +269,13 @@ def test_a_worker_meeting_a_closed_connection_prints_nothing(capfd):
     assert "ValueError: a real bug" in capfd.readouterr().err
 
 
-def test_a_file_touched_since_is_refused_and_its_old_time_restored_is_not(model_dir, tmp_path, capsys):
+def test_a_file_touched_since_is_refused_and_its_old_time_restored_is_not(tiny_dir, tmp_path, capsys):
     """Same size and content, another modification time (a file rewritten in place with the same bytes)."""
     folder = tmp_path / "audio"
     folder.mkdir()
     for path in fsdd_files()[:2]:
         shutil.copy2(path, folder)
-    common = ["--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"]
+    common = ["--model", str(tiny_dir), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"]
     assert embed(capsys, str(folder), *common)[0] == 0
     touched = folder / Path(fsdd_files()[1]).name
     before = touched.stat()

@@ -13,18 +13,9 @@ import torch
 from dasheng_hf import DashengFeatureExtractor, DashengModel
 from dasheng_hf.evaluation.evaluate import main
 from dasheng_hf.evaluation.labelled import DatasetColumns, load_labelled_clips
-from helpers import tiny_config
 from test_evaluate import fsdd_subset
 
 SAMPLING_RATE = 16000
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-dasheng")
-    DashengModel(tiny_config()).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +28,11 @@ def table(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def embedded(model_dir, table, tmp_path_factory):
+def embedded(tiny_dir, table, tmp_path_factory):
     from dasheng_hf.embedding.embed import main as embed
 
     folder = tmp_path_factory.mktemp("embedded") / "out"
-    embed([str(table), "--model", str(model_dir), "--output-dir", str(folder), "--num-workers", "0", "--layers", "1"])
+    embed([str(table), "--model", str(tiny_dir), "--output-dir", str(folder), "--num-workers", "0", "--layers", "1"])
     return folder
 
 
@@ -51,9 +42,9 @@ def run(capsys, *arguments: str) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
-def test_layer_on_audio_is_the_mean_of_its_hidden_states_cached_apart(model_dir, table, embedded, tmp_path):
+def test_layer_on_audio_is_the_mean_of_its_hidden_states_cached_apart(tiny_dir, table, embedded, tmp_path):
     cache = tmp_path / "cache"
-    common = ["--model", str(model_dir), "--dataset", str(table), "--label-column", "digit", "--head", "knn"]
+    common = ["--model", str(tiny_dir), "--dataset", str(table), "--label-column", "digit", "--head", "knn"]
     main([*common, "--layer", "1", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "layer")])
     (layer_file,) = cache.glob("*.npz")
     main([*common, "--cache-dir", str(cache), "--output-dir", str(tmp_path / "last")])
@@ -61,7 +52,7 @@ def test_layer_on_audio_is_the_mean_of_its_hidden_states_cached_apart(model_dir,
     assert json.loads((tmp_path / "layer" / "metrics.json").read_text())["layer"] == 1
 
     clips = load_labelled_clips(str(table), DatasetColumns(label="digit"))
-    model, extractor = DashengModel.from_pretrained(model_dir).eval(), DashengFeatureExtractor()
+    model, extractor = DashengModel.from_pretrained(tiny_dir).eval(), DashengFeatureExtractor()
     layer, last = [], []
     with torch.no_grad():
         for index in range(len(clips)):
@@ -77,20 +68,20 @@ def test_layer_on_audio_is_the_mean_of_its_hidden_states_cached_apart(model_dir,
     np.testing.assert_allclose(np.load(layer_file)["embeddings"], expected, atol=2e-5)
 
 
-def test_a_layer_counted_from_the_end_is_the_same_layer_everywhere(model_dir, table, tmp_path):
+def test_a_layer_counted_from_the_end_is_the_same_layer_everywhere(tiny_dir, table, tmp_path):
     """`--layer -1` is block 2 of this 2-block model: one cache entry, one name in metrics.json, and on
     `dasheng-embed --layers -1` output (written as layer_2) the same column."""
     from dasheng_hf.embedding.embed import main as embed
 
     cache = tmp_path / "cache"
     common = ["--dataset", str(table), "--label-column", "digit", "--head", "knn", "--cache-dir", str(cache)]
-    main(["--model", str(model_dir), *common, "--layer", "-1", "--output-dir", str(tmp_path / "minus")])
-    main(["--model", str(model_dir), *common, "--layer", "2", "--output-dir", str(tmp_path / "two")])
+    main(["--model", str(tiny_dir), *common, "--layer", "-1", "--output-dir", str(tmp_path / "minus")])
+    main(["--model", str(tiny_dir), *common, "--layer", "2", "--output-dir", str(tmp_path / "two")])
     assert len(list(cache.glob("*.npz"))) == 1
     minus, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("minus", "two"))
     assert minus["layer"] == two["layer"] == 2 and minus["accuracy"] == two["accuracy"]
     folder = tmp_path / "embedded"
-    embed([str(table), "--model", str(model_dir), "--output-dir", str(folder), "--num-workers", "0", "--layers", "-1"])
+    embed([str(table), "--model", str(tiny_dir), "--output-dir", str(folder), "--num-workers", "0", "--layers", "-1"])
     common = ["--dataset", str(folder), "--label-column", "digit", "--head", "knn"]
     main([*common, "--layer", "-1", "--output-dir", str(tmp_path / "embedded-minus")])
     predictions = [pd.read_csv(tmp_path / name / "predictions.csv") for name in ("embedded-minus", "two")]
@@ -98,11 +89,11 @@ def test_a_layer_counted_from_the_end_is_the_same_layer_everywhere(model_dir, ta
     assert list(predictions[0].prediction) == list(predictions[1].prediction)  # layer_2's embeddings, as on audio
 
 
-def test_a_layer_out_of_range_or_with_finetune_is_one_line(model_dir, table, tmp_path, capsys):
-    common = ["--model", str(model_dir), "--dataset", str(table), "--label-column", "digit"]
+def test_a_layer_out_of_range_or_with_finetune_is_one_line(tiny_dir, table, tmp_path, capsys):
+    common = ["--model", str(tiny_dir), "--dataset", str(table), "--label-column", "digit"]
     code, error = run(capsys, *common, "--head", "knn", "--layer", "3", "--output-dir", str(tmp_path / "a"))
     assert code == 2 and error == (
-        f"dasheng-eval: error: --layer 3 is out of range: {model_dir} has 2 blocks, so --layer takes 0 (the patch "
+        f"dasheng-eval: error: --layer 3 is out of range: {tiny_dir} has 2 blocks, so --layer takes 0 (the patch "
         f"embeddings) to 2 (the last block's output), or -1 for the last.\n"
     )
     code, error = run(capsys, *common, "--head", "finetune", "--layer", "1", "--output-dir", str(tmp_path / "b"))
@@ -123,14 +114,14 @@ def test_an_unfinished_embed_output_is_named_before_the_hub_is_asked(embedded, t
     assert not (tmp_path / "o").exists()
 
 
-def test_a_model_that_embeddings_ignore_is_warned(model_dir, embedded, tmp_path, caplog):
+def test_a_model_that_embeddings_ignore_is_warned(tiny_dir, embedded, tmp_path, caplog):
     common = ["--dataset", str(embedded), "--label-column", "digit", "--fold-column", "fold", "--head", "knn"]
-    main([*common, "--model", str(model_dir) + "/", "--output-dir", str(tmp_path / "same")])
+    main([*common, "--model", str(tiny_dir) + "/", "--output-dir", str(tmp_path / "same")])
     main([*common, "--output-dir", str(tmp_path / "none")])
     assert "is not used" not in caplog.text  # the same model (spelt otherwise), or none given
     main([*common, "--model", "mispeech/dasheng-base", "--output-dir", str(tmp_path / "other")])
     assert (
-        f"--model mispeech/dasheng-base is not used: {embedded} holds embeddings of {model_dir}, and no model runs "
+        f"--model mispeech/dasheng-base is not used: {embedded} holds embeddings of {tiny_dir}, and no model runs "
         f"on them; drop --model, or pass the audio source as --dataset to embed it with mispeech/dasheng-base."
     ) in caplog.text
 
@@ -152,7 +143,7 @@ def test_a_hub_id_beside_a_local_folder_of_its_owner_name_is_still_a_hub_id(tmp_
     assert code == 2 and "mispeech/esc50" in error and "is not in the local Hugging Face cache" in error
 
 
-def test_finetune_loads_a_fresh_head_without_the_load_report(model_dir, tmp_path):
+def test_finetune_loads_a_fresh_head_without_the_load_report(tiny_dir, tmp_path):
     import logging
 
     from dasheng_hf.evaluation.embeddings import load_encoder
@@ -164,10 +155,10 @@ def test_finetune_loads_a_fresh_head_without_the_load_report(model_dir, tmp_path
     for logger in loggers:
         logger.addHandler(handler)
     try:
-        load_encoder(str(model_dir), label_names=["a", "b"])
+        load_encoder(str(tiny_dir), label_names=["a", "b"])
         assert records == []  # only the new head is missing: what fine-tuning asks for
         damaged = tmp_path / "damaged"  # an encoder tensor missing too: a real problem, reported
-        shutil.copytree(model_dir, damaged)
+        shutil.copytree(tiny_dir, damaged)
         weights = load_file(damaged / "model.safetensors")
         save_file({k: v for k, v in weights.items() if k != "encoder.norm.weight"}, damaged / "model.safetensors")
         load_encoder(str(damaged), label_names=["a", "b"])

@@ -8,23 +8,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from dasheng_hf import DashengModel
 from dasheng_hf.evaluation.embeddings import AudioClips
 from dasheng_hf.evaluation.evaluate import main
 from dasheng_hf.evaluation.protocol import EvalOptions, evaluation_splits
-from helpers import tiny_config
 from test_evaluate import check_multi_label, fsdd_subset
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-dasheng")
-    DashengModel(tiny_config()).save_pretrained(folder)
-    return folder
 
 
 def rare_tags(clips: int = 60, seed: int = 0) -> np.ndarray:
@@ -70,14 +59,14 @@ def write_tags(path, files, rare: set, split=None) -> None:
     path.write_text("filename,tags" + ("" if split is None else ",split") + "\n" + "\n".join(rows) + "\n")
 
 
-def test_stratified_multi_label_run_scores_every_class(model_dir, tmp_path):
+def test_stratified_multi_label_run_scores_every_class(tiny_dir, tmp_path):
     files = fsdd_subset(takes=range(5), speakers=("george",))
     random = np.random.default_rng(0).permutation(len(files))[:10]  # the test clips of a seeded random split
     rare = [file for index, file in enumerate(files) if index not in random][:2]  # which it would leave out
     table = tmp_path / "tags.csv"
     write_tags(table, files, rare=set(rare))
     output = tmp_path / "out"
-    main(["--model", str(model_dir), "--dataset", str(table), "--label-column", "tags", "--label-separator", ";"] + [
+    main(["--model", str(tiny_dir), "--dataset", str(table), "--label-column", "tags", "--label-separator", ";"] + [
         "--head", "linear", "--epochs", "2", "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache")
     ])  # fmt: skip
     metrics = json.loads((output / "metrics.json").read_text())
@@ -87,13 +76,13 @@ def test_stratified_multi_label_run_scores_every_class(model_dir, tmp_path):
     assert predictions["labels"].str.contains("rare").sum() == 1
 
 
-def test_a_class_without_test_positives_is_warned_and_left_out_of_the_map(model_dir, tmp_path, caplog):
+def test_a_class_without_test_positives_is_warned_and_left_out_of_the_map(tiny_dir, tmp_path, caplog):
     files = fsdd_subset(takes=range(4), speakers=("george",))
     table = tmp_path / "tags.csv"
     train = [file for file in files if file.stem.endswith(("_0", "_1", "_2"))]
     write_tags(table, files, rare=set(train[:3]), split=lambda file: "train" if file in train else "test")
     output = tmp_path / "out"
-    main(["--model", str(model_dir), "--dataset", str(table), "--label-column", "tags", "--label-separator", ";"] + [
+    main(["--model", str(tiny_dir), "--dataset", str(table), "--label-column", "tags", "--label-separator", ";"] + [
         "--split-column", "split", "--head", "mlp", "--epochs", "2", "--output-dir", str(output)
     ] + ["--cache-dir", str(tmp_path / "cache")])  # fmt: skip
     metrics = json.loads((output / "metrics.json").read_text())

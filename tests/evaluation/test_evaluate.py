@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from dasheng_hf import DashengModel
 from dasheng_hf.evaluation.evaluate import main
-from helpers import fsdd_files, tiny_config
+from helpers import fsdd_files
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 DIGITS = "zero one two three four five six seven eight nine".split()
@@ -29,20 +27,12 @@ def fsdd_subset(takes=range(8), speakers=("george", "jackson")) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-dasheng")
-    DashengModel(tiny_config()).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def evaluate(model_dir, cache_dir, output: Path, *arguments: str) -> dict:
-    main(["--model", str(model_dir), "--cache-dir", str(cache_dir), "--output-dir", str(output), *arguments])
+def evaluate(tiny_dir, cache_dir, output: Path, *arguments: str) -> dict:
+    main(["--model", str(tiny_dir), "--cache-dir", str(cache_dir), "--output-dir", str(output), *arguments])
     return json.loads((output / "metrics.json").read_text())
 
 
@@ -80,13 +70,13 @@ def check_multi_label(output: Path, metrics: dict) -> None:
     assert list(table["class"]) == names
 
 
-def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_dir, tmp_path, capsys):
+def test_folder_of_class_subfolders_knn_on_a_stratified_split(tiny_dir, cache_dir, tmp_path, capsys):
     root = tmp_path / "classes"
     files = fsdd_subset()
     for path in files:
         (root / DIGITS[int(path.stem[0])]).mkdir(parents=True, exist_ok=True)
         (root / DIGITS[int(path.stem[0])] / path.name).symlink_to(path)
-    metrics = evaluate(model_dir, cache_dir, tmp_path / "out", "--dataset", str(root), "--head", "knn")
+    metrics = evaluate(tiny_dir, cache_dir, tmp_path / "out", "--dataset", str(root), "--head", "knn")
     assert metrics["label_names"] == sorted(DIGITS) and metrics["k"] == 10 and metrics["protocol"] == "stratified"
     predictions = check_single_label(tmp_path / "out", metrics)
     assert len(predictions) == 30  # 20 % of each class's 16 clips, rounded: 3 x 10 classes
@@ -95,13 +85,13 @@ def test_folder_of_class_subfolders_knn_on_a_stratified_split(model_dir, cache_d
     assert f"accuracy {metrics['accuracy']:.4f} on the test split" in out and "fold test:" not in out  # said once
 
 
-def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, capfd):
+def test_csv_with_folds_linear_head_is_quiet(tiny_dir, cache_dir, tmp_path, capfd):
     files = fsdd_subset(takes=range(5))
     table = tmp_path / "list.tsv"
     rows = [[path, DIGITS[int(path.stem[0])], int(path.stem.split("_")[2]) + 1] for path in files]
     table.write_text("path\tword\tfold\n" + "".join(f"{p}\t{w}\t{f}\n" for p, w, f in rows))
     arguments = ["--dataset", str(table), "--file-column", "path", "--label-column", "word", "--fold-column", "fold"]
-    metrics = evaluate(model_dir, cache_dir, tmp_path / "out", *arguments, "--head", "linear", "--epochs", "20")
+    metrics = evaluate(tiny_dir, cache_dir, tmp_path / "out", *arguments, "--head", "linear", "--epochs", "20")
     assert list(metrics["folds"]) == ["1", "2", "3", "4", "5"] and metrics["protocol"] == "folds"
     check_single_label(tmp_path / "out", metrics, {path.name for path in files})
     output = capfd.readouterr()
@@ -115,7 +105,7 @@ def test_csv_with_folds_linear_head_is_quiet(model_dir, cache_dir, tmp_path, cap
     assert len([entry for entry in history if "loss" in entry]) == 20  # the per-step logs went to a file
 
 
-def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(model_dir, cache_dir, tmp_path, caplog):
+def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(tiny_dir, cache_dir, tmp_path, caplog):
     """Fold 1 has only four classes (one to four), one clip each: fold 2, tested, has six classes it never trains on."""
     files = fsdd_subset(takes=range(2), speakers=("george",))
     rows = [[path, DIGITS[int(path.stem[0])], 1 + int(path.stem.split("_")[2])] for path in files]
@@ -124,7 +114,7 @@ def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(mode
     table = tmp_path / "list.csv"
     table.write_text("filename,word,fold\n" + "".join(f"{p},{w},{f}\n" for p, w, f in rows))
     arguments = ["--dataset", str(table), "--label-column", "word", "--fold-column", "fold", "--head", "knn"]
-    metrics = evaluate(model_dir, cache_dir, tmp_path / "out", *arguments)
+    metrics = evaluate(tiny_dir, cache_dir, tmp_path / "out", *arguments)
     check_single_label(tmp_path / "out", metrics)
     err = caplog.text  # on the console: one stderr line each
     assert "Fold 2: --k 10 is more than its 4 training clips; each query votes over all." in err
@@ -135,14 +125,14 @@ def test_classes_never_trained_on_and_a_k_above_the_training_set_are_warned(mode
     assert "Fold 1:" not in err  # it trains on fold 2's 10 clips, every class it tests among them
 
 
-def test_csv_with_given_splits_and_an_mlp(model_dir, cache_dir, tmp_path):
+def test_csv_with_given_splits_and_an_mlp(tiny_dir, cache_dir, tmp_path):
     files = fsdd_subset(takes=range(6))
     table = tmp_path / "list.csv"
     split = {0: "train", 1: "train", 2: "train", 3: "train", 4: "validation", 5: "test"}
     rows = [(path, path.stem[0], split[int(path.stem.split("_")[2])]) for path in files]
     table.write_text("filename,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows))
     metrics = evaluate(
-        model_dir, cache_dir, tmp_path / "out", "--dataset", str(table), "--split-column", "split", "--head", "mlp"
+        tiny_dir, cache_dir, tmp_path / "out", "--dataset", str(table), "--split-column", "split", "--head", "mlp"
     )
     predictions = check_single_label(tmp_path / "out", metrics)
     assert set(predictions.fold) == {"test"} and len(predictions) == 20
@@ -150,7 +140,7 @@ def test_csv_with_given_splits_and_an_mlp(model_dir, cache_dir, tmp_path):
     assert metrics["label_names"] == [str(digit) for digit in range(10)]
 
 
-def test_datasets_dataset_with_class_labels_and_splits(model_dir, cache_dir, tmp_path):
+def test_datasets_dataset_with_class_labels_and_splits(tiny_dir, cache_dir, tmp_path):
     import datasets
 
     features = datasets.Features({"audio": datasets.Audio(), "digit": datasets.ClassLabel(names=DIGITS)})
@@ -164,14 +154,14 @@ def test_datasets_dataset_with_class_labels_and_splits(model_dir, cache_dir, tmp
     folder = tmp_path / "saved"
     datasets.DatasetDict({"train": part(range(4)), "test": part(range(4, 6))}).save_to_disk(str(folder))
     metrics = evaluate(
-        model_dir, cache_dir, tmp_path / "out", "--dataset", str(folder), "--label-column", "digit", "--head", "knn"
+        tiny_dir, cache_dir, tmp_path / "out", "--dataset", str(folder), "--label-column", "digit", "--head", "knn"
     )
     assert metrics["label_names"] == DIGITS  # ClassLabel names, in their order
     predictions = check_single_label(tmp_path / "out", metrics)
     assert len(predictions) == 40 and set(predictions.fold) == {"test"}
 
 
-def test_multi_label_csv_with_separator_joined_labels(model_dir, cache_dir, tmp_path):
+def test_multi_label_csv_with_separator_joined_labels(tiny_dir, cache_dir, tmp_path):
     files = fsdd_subset(takes=range(6))
     table = tmp_path / "tags.csv"
     # Two labels per clip: the digit and whether it is odd; folds by take.
@@ -179,7 +169,7 @@ def test_multi_label_csv_with_separator_joined_labels(model_dir, cache_dir, tmp_
     rows = [(path, f"{path.stem[0]};{parity[path]}", int(path.stem[-1]) % 3) for path in files]
     table.write_text("filename,tags,fold\n" + "".join(f"{p},{t},{f}\n" for p, t, f in rows))
     arguments = ["--dataset", str(table), "--label-column", "tags", "--label-separator", ";", "--fold-column", "fold"]
-    metrics = evaluate(model_dir, tmp_path / "cache", tmp_path / "knn", *arguments, "--head", "knn")
+    metrics = evaluate(tiny_dir, tmp_path / "cache", tmp_path / "knn", *arguments, "--head", "knn")
     (cached,) = (tmp_path / "cache").glob("*.npz")
     share, ranked = knn_by_hand(np.load(cached)["embeddings"], tmp_path / "knn", metrics)
     written = pd.read_csv(tmp_path / "knn" / "predictions.csv")
@@ -188,7 +178,7 @@ def test_multi_label_csv_with_separator_joined_labels(model_dir, cache_dir, tmp_
     assert (np.floor(scores * 10 + 1e-6) / 10 == share[written["index"]]).all()  # below one vote (1/k) above it
     check_multi_label(tmp_path / "knn", metrics)
     assert metrics["mAP"] > 0.3
-    metrics = evaluate(model_dir, cache_dir, tmp_path / "linear", *arguments, "--head", "linear", "--epochs", "10")
+    metrics = evaluate(tiny_dir, cache_dir, tmp_path / "linear", *arguments, "--head", "linear", "--epochs", "10")
     check_multi_label(tmp_path / "linear", metrics)
 
 
@@ -215,7 +205,7 @@ def knn_by_hand(embeddings: np.ndarray, output: Path, metrics: dict, k: int = 10
     return share, ranked
 
 
-def test_multi_label_finetune_on_a_datasets_list_column(model_dir, tmp_path):
+def test_multi_label_finetune_on_a_datasets_list_column(tiny_dir, tmp_path):
     import datasets
 
     files = fsdd_subset(takes=range(3), speakers=("george",))
@@ -225,7 +215,7 @@ def test_multi_label_finetune_on_a_datasets_list_column(model_dir, tmp_path):
         "audio", datasets.Audio()
     ).save_to_disk(str(folder))
     output = tmp_path / "out"
-    main(["--model", str(model_dir), "--dataset", str(folder), "--label-column", "tags", "--head", "finetune"] + [
+    main(["--model", str(tiny_dir), "--dataset", str(folder), "--label-column", "tags", "--head", "finetune"] + [
         "--epochs", "1", "--test-fraction", "0.5", "--output-dir", str(output)
     ])  # fmt: skip
     metrics = json.loads((output / "metrics.json").read_text())
@@ -233,29 +223,29 @@ def test_multi_label_finetune_on_a_datasets_list_column(model_dir, tmp_path):
     check_multi_label(output, metrics)
 
 
-def test_embeddings_from_dasheng_embed(model_dir, tmp_path):
+def test_embeddings_from_dasheng_embed(tiny_dir, tmp_path):
     from dasheng_hf.embedding.embed import main as embed
 
     files = fsdd_subset(takes=range(4))
     table = tmp_path / "list.csv"
     table.write_text("filename,digit,fold\n" + "".join(f"{p},{p.stem[0]},{int(p.stem[-1]) + 1}\n" for p in files))
-    embed([str(table), "--model", str(model_dir), "--output-dir", str(tmp_path / "embedded"), "--num-workers", "0"])
+    embed([str(table), "--model", str(tiny_dir), "--output-dir", str(tmp_path / "embedded"), "--num-workers", "0"])
     arguments = ["--dataset", str(tmp_path / "embedded"), "--label-column", "digit", "--fold-column", "fold"]
     output = tmp_path / "out"
     main([*arguments, "--head", "knn", "--output-dir", str(output)])  # no --model: the embeddings say which
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["embedding_seconds"] < 5 and list(metrics["folds"]) == ["1", "2", "3", "4"]
-    assert metrics["model"].startswith(f"{model_dir} (embeddings in")
+    assert metrics["model"].startswith(f"{tiny_dir} (embeddings in")
     check_single_label(output, metrics, {path.name for path in files})
 
 
-def test_a_label_column_with_one_class_is_one_clear_error(model_dir, tmp_path, capsys):
+def test_a_label_column_with_one_class_is_one_clear_error(tiny_dir, tmp_path, capsys):
     files = fsdd_subset(takes=range(2), speakers=("george",))
     table = tmp_path / "list.csv"
     table.write_text("filename,speaker,digit\n" + "".join(f"{p},george,{p.stem[0]}\n" for p in files))
     with pytest.raises(SystemExit) as exit_info:
         main(
-            ["--model", str(model_dir), "--dataset", str(table), "--label-column", "speaker", "--head", "knn"]
+            ["--model", str(tiny_dir), "--dataset", str(table), "--label-column", "speaker", "--head", "knn"]
             + ["--output-dir", str(tmp_path / "o")]
         )
     error = capsys.readouterr().err
@@ -263,12 +253,12 @@ def test_a_label_column_with_one_class_is_one_clear_error(model_dir, tmp_path, c
     assert "--label-column" in error and "Traceback" not in error and not (tmp_path / "o").exists()
 
 
-def test_a_file_listed_twice_is_one_clear_error(model_dir, tmp_path, capsys):
+def test_a_file_listed_twice_is_one_clear_error(tiny_dir, tmp_path, capsys):
     files = fsdd_subset(takes=range(2))
     table = tmp_path / "list.csv"
     table.write_text("filename,label\n" + "".join(f"{p},{p.stem[0]}\n" for p in [*files, files[3]]))
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(model_dir), "--dataset", str(table), "--head", "knn", "--output-dir", str(tmp_path / "o")])
+        main(["--model", str(tiny_dir), "--dataset", str(table), "--head", "knn", "--output-dir", str(tmp_path / "o")])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in error
     assert f"row {len(files) + 2} ({files[3]}): the file is listed twice (also" in error and "row 5" in error
@@ -334,7 +324,7 @@ def test_help_is_parsed_before_torch_or_transformers_are_imported(module):
     assert "--output-dir" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_fresh_process_prints_the_result_and_no_warnings_about_unused_kernels(model_dir, tmp_path):
+def test_a_fresh_process_prints_the_result_and_no_warnings_about_unused_kernels(tiny_dir, tmp_path):
     """Trainer's import, with bitsandbytes installed (the train extra), must not print its kernel-lookup warnings."""
     import subprocess
     import sys
@@ -343,7 +333,7 @@ def test_a_fresh_process_prints_the_result_and_no_warnings_about_unused_kernels(
     for path in fsdd_subset(takes=range(3), speakers=("george",)):
         (root / path.stem[0]).mkdir(parents=True, exist_ok=True)
         (root / path.stem[0] / path.name).symlink_to(path)
-    command = [sys.executable, "-m", "dasheng_hf.evaluation.evaluate", "--model", str(model_dir), "--dataset"]
+    command = [sys.executable, "-m", "dasheng_hf.evaluation.evaluate", "--model", str(tiny_dir), "--dataset"]
     command += [str(root), "--head", "linear", "--epochs", "2", "--output-dir", str(tmp_path / "out")]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
